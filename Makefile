@@ -1,0 +1,44 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing, installs the pinned set, and runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORK ?= $(CURDIR)/work
+DEMO_PATIENTS ?= 40
+
+# Keep every cache out of the home folder.
+CACHE := $(or $(TMPDIR),/tmp)/mama_jax_cache
+export PIP_CACHE_DIR ?= $(CACHE)/pip
+export HF_HOME ?= $(CACHE)/hf
+export MPLCONFIGDIR ?= $(CACHE)/mpl
+export XDG_CACHE_HOME ?= $(CACHE)/xdg
+export HF_HUB_OFFLINE ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test install install-test clean-demo
+
+$(VENV)/.core: pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c requirements.lock -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import mama_jax, data_prep"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, pytest, pydicom_data"
+	touch $@
+
+install: $(VENV)/.core
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.core
+	$(PY) -m data_prep synthetic --out $(WORK)/synthetic --patients $(DEMO_PATIENTS) --seed 0
+	$(PY) -m data_prep build --dataset embed --tables $(WORK)/synthetic --images $(WORK)/synthetic --out $(WORK)/dataset
+	@echo "Demo dataset: $(WORK)/dataset (manifest: $(WORK)/dataset/manifest.jsonl)"
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf $(WORK)

@@ -1,0 +1,86 @@
+"""Breast crop and aspect-preserving resize of a decoded mammogram (no JAX here)."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+
+def _otsu_threshold(img: np.ndarray, bins: int = 256) -> float | None:
+    """Otsu threshold on a `bins`-bin histogram; None for a constant image."""
+    lo, hi = float(img.min()), float(img.max())
+    if hi <= lo:
+        return None
+    hist, edges = np.histogram(img, bins=bins, range=(lo, hi))
+    p = hist.astype(np.float64) / hist.sum()
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    omega = np.cumsum(p)
+    mu = np.cumsum(p * centers)
+    denom = omega * (1.0 - omega)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = np.where(denom > 0, (mu[-1] * omega - mu) ** 2 / denom, 0.0)
+    k = int(np.argmax(between))
+    return float(edges[k + 1])  # foreground: values >= upper edge of bin k
+
+
+def _downsample(img: np.ndarray, long_side: int) -> np.ndarray:
+    if img.dtype not in (np.uint8, np.uint16, np.float32):
+        img = img.astype(np.float32)
+    return resize_long_side(img, long_side)
+
+
+def crop_breast(img: np.ndarray, *, margin: float = 0.02
+                ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Crop to the breast: Otsu foreground on a ~256-px copy, big components' box.
+
+    Keeps every connected component at least 10 % the size of the largest (a
+    breast split by a dark band stays whole; small markers and labels go), maps
+    its box to full resolution and widens it by `margin` of each image side.
+    Returns (view into img, (y0, y1, x0, x1)); the whole image if nothing is found.
+    """
+    if img.ndim != 2:
+        raise ValueError(f"crop_breast expects a 2-D image, got shape {img.shape}")
+    h, w = img.shape
+    whole = (img, (0, h, 0, w))
+    if h < 2 or w < 2:
+        return whole
+    small = _downsample(img, 256)
+    threshold = _otsu_threshold(small)
+    if threshold is None:
+        return whole
+    mask = (small >= threshold).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return whole
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = stats[1:][areas >= 0.1 * areas.max()]
+    x0s, y0s = keep[:, cv2.CC_STAT_LEFT], keep[:, cv2.CC_STAT_TOP]
+    x1s, y1s = x0s + keep[:, cv2.CC_STAT_WIDTH], y0s + keep[:, cv2.CC_STAT_HEIGHT]
+    sy, sx = h / small.shape[0], w / small.shape[1]
+    my, mx = int(round(margin * h)), int(round(margin * w))
+    y0 = max(0, int(math.floor(y0s.min() * sy)) - my)
+    y1 = min(h, int(math.ceil(y1s.max() * sy)) + my)
+    x0 = max(0, int(math.floor(x0s.min() * sx)) - mx)
+    x1 = min(w, int(math.ceil(x1s.max() * sx)) + mx)
+    return img[y0:y1, x0:x1], (y0, y1, x0, x1)
+
+
+def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
+    """Shrink so the long side is `long_side` (area interpolation, aspect kept).
+
+    Never stretches and never upscales: an image already small enough is
+    returned unchanged.
+    """
+    if long_side < 1:
+        raise ValueError(f"long_side must be >= 1, got {long_side}")
+    h, w = img.shape[:2]
+    if max(h, w) <= long_side:
+        return img
+    scale = long_side / max(h, w)
+    if h >= w:
+        new_h, new_w = long_side, max(1, round(w * scale))
+    else:
+        new_h, new_w = max(1, round(h * scale)), long_side
+    return cv2.resize(np.ascontiguousarray(img), (new_w, new_h), interpolation=cv2.INTER_AREA)

@@ -1,0 +1,478 @@
+"""data_prep.dicom: codecs, VOI, inversion, crop, resize, tags and bad files.
+
+Pixel values are checked against an independent decode wherever one exists:
+the raw bytes of an uncompressed twin (numpy.frombuffer), Pillow's own
+JPEG 2000 decoder, spot values published in pydicom's test suite, or the
+DICOM windowing formulas written out in numpy.
+"""
+
+import copy
+import io
+import pickle
+import re
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import apply_voi_lut
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+from data_prep.dicom import (
+    DecodedImage,
+    DicomError,
+    crop_breast,
+    decode_pixels,
+    laterality_and_view,
+    normalise_uint16,
+    read_dicom,
+    resize_long_side,
+    to_monochrome2,
+)
+
+
+def data_file(name: str) -> str:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, (
+        f"pydicom test file {name} not found: pydicom / pydicom-data are test "
+        "dependencies, so the install is broken")
+    return path
+
+
+def read(name: str) -> pydicom.Dataset:
+    return pydicom.dcmread(data_file(name))
+
+
+def native_frame0(ds: pydicom.Dataset) -> np.ndarray:
+    """First frame of uncompressed little-endian pixel data, straight from the bytes."""
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    dtype = f"<{'i' if ds.PixelRepresentation else 'u'}{ds.BitsAllocated // 8}"
+    n = ds.Rows * ds.Columns
+    return np.frombuffer(ds.PixelData, dtype=dtype, count=n).reshape(ds.Rows, ds.Columns)
+
+
+def pillow_j2k(ds: pydicom.Dataset) -> np.ndarray:
+    """Decode the first J2K frame with Pillow (which scales to 16 bits, offsets signed)."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    stream = next(generate_frames(ds.PixelData, number_of_frames=frames))
+    a = np.array(Image.open(io.BytesIO(stream))).astype(np.int64)
+    if ds.PixelRepresentation:
+        assert ds.BitsStored == 16
+        return a - 32768
+    return a >> (16 - ds.BitsStored)
+
+
+# ----------------------------------------------------------------------------- codecs
+
+
+@pytest.mark.parametrize("name, twin", [
+    ("MR_small_jp2klossless.dcm", "MR_small.dcm"),       # 4.90, RSNA's main codec
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),   # 4.80
+    ("MR_small_RLE.dcm", "MR_small.dcm"),                # RLE
+    ("MR_small_bigendian.dcm", "MR_small.dcm"),          # explicit big endian
+    ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),  # multi-frame: first frame
+])
+def test_lossless_codecs_equal_uncompressed_twin(name, twin):
+    ds = read(name)
+    got = decode_pixels(ds, data_file(name))
+    want = native_frame0(read(twin))
+    assert got.ndim == 2 and got.dtype.isnative
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "RG3_J2KR.dcm"])
+def test_jpeg2000_equals_pillow_decode(name):
+    ds = read(name)
+    got = decode_pixels(ds, data_file(name))
+    np.testing.assert_array_equal(got.astype(np.int64), pillow_j2k(ds))
+
+
+# Spot values from pydicom's tests/pixels/pixels_reference.py (JPGS_* entries).
+SV1_SPOTS = {
+    "JPEG-LL.dcm": {(400, 124): (60, 58, 61, 68, 59, 65, 64, 67),
+                    (600, 124): (3, 1, 2, 0, 2, 1, 2, 0)},
+    "JPGLosslessP14SV1_1s_1f_8b.dcm": {(300, 512): (26, 26, 25, 22, 19, 16, 14, 15),
+                                       (600, 512): (45, 43, 41, 38, 33, 30, 26, 21)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SV1_SPOTS))
+def test_jpeg_lossless_sv1(name):
+    ds = read(name)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    got = decode_pixels(ds, data_file(name))
+    np.testing.assert_array_equal(got, pydicom.dcmread(data_file(name)).pixel_array)
+    for (row, col), values in SV1_SPOTS[name].items():
+        assert tuple(got[row, col:col + 8]) == values
+
+
+def test_colour_file_is_rejected():
+    path = data_file("SC_rgb_jpeg_gdcm.dcm")  # SV1 but RGB: not a mammogram
+    with pytest.raises(DicomError, match=re.escape("SC_rgb_jpeg_gdcm.dcm")) as err:
+        read_dicom(path)
+    assert "RGB" in str(err.value) and "MONOCHROME" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- grey values
+
+
+@pytest.fixture(scope="module")
+def rg3():
+    ds = read("RG3_J2KR.dcm")  # MONOCHROME1, 10-bit, WC 550 / WW 1024
+    return ds, pillow_j2k(ds).astype(np.float64)
+
+
+def test_monochrome1_is_inverted(rg3):
+    ds, raw = rg3
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    stored = decode_pixels(ds, "RG3_J2KR.dcm")
+    got = to_monochrome2(stored, ds, voi="none")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, raw.max() + raw.min() - raw)
+
+    windowed = apply_voi_lut(stored, ds)  # LINEAR window, float64
+    got_w = to_monochrome2(stored, ds, voi="window")
+    np.testing.assert_allclose(got_w, windowed.max() + windowed.min() - windowed, atol=0.02)
+
+
+def test_read_dicom_monochrome1_without_crop_or_resize(rg3):
+    ds, raw = rg3
+    out = read_dicom(data_file("RG3_J2KR.dcm"), long_side=4000, crop=False).pixels
+    want = (raw.max() - raw) / (raw.max() - raw.min()) * 65535
+    assert out.dtype == np.uint16 and out.shape == raw.shape
+    assert np.abs(out.astype(np.float64) - want).max() <= 0.51  # rounding, float32 slack
+
+
+def test_voi_lut_sequence():
+    ds = read("vlut_04.dcm")
+    raw = native_frame0(ds)
+    got = to_monochrome2(decode_pixels(ds, "vlut_04.dcm"), ds, voi="window")
+    np.testing.assert_array_equal(got, apply_voi_lut(raw, ds).astype(np.float32))
+    # The lookup written out: entries below first_map take entry 0, past the end the last.
+    n, first, _ = ds.VOILUTSequence[0].LUTDescriptor
+    lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+    idx = np.clip(raw.astype(np.int64) - first, 0, (n or 65536) - 1)
+    np.testing.assert_array_equal(got, lut[idx])
+    assert not np.array_equal(got, raw.astype(np.float32))  # the LUT really did something
+
+
+def linear(x, c, w, y_min, y_max):  # PS3.3 C.11.2.1.2.1
+    lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+    mid = ((x - (c - 0.5)) / (w - 1) + 0.5) * (y_max - y_min) + y_min
+    return np.where(x <= lo, y_min, np.where(x > hi, y_max, mid))
+
+
+def linear_exact(x, c, w, y_min, y_max):  # PS3.3 C.11.2.1.3.2
+    mid = ((x - c) / w + 0.5) * (y_max - y_min) + y_min
+    return np.where(x <= c - w / 2, y_min, np.where(x > c + w / 2, y_max, mid))
+
+
+def sigmoid(x, c, w, y_min, y_max):  # PS3.3 C.11.2.1.3.1
+    return (y_max - y_min) / (1 + np.exp(-4 * (x - c) / w)) + y_min
+
+
+@pytest.mark.parametrize("function, formula", [
+    (None, linear), ("LINEAR", linear), ("LINEAR_EXACT", linear_exact), ("SIGMOID", sigmoid)])
+@pytest.mark.parametrize("rescale", [None, (2.0, -100.0)])
+def test_windowing_matches_standard_formulas(function, formula, rescale):
+    ds = read("MR_small.dcm")  # signed 16-bit, WC 600 / WW 1600
+    x = native_frame0(ds).astype(np.float64)
+    if function:
+        ds.VOILUTFunction = function
+    y_min, y_max = -32768.0, 32767.0
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+        x = x * rescale[0] + rescale[1]
+        y_min, y_max = y_min * rescale[0] + rescale[1], y_max * rescale[0] + rescale[1]
+    got = to_monochrome2(decode_pixels(ds, "MR_small.dcm"), ds, voi="window")
+    want = formula(x, 600.0, 1600.0, y_min, y_max)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0.05)
+    np.testing.assert_allclose(got, apply_voi_lut(x, ds), rtol=1e-5, atol=0.05)
+    assert not np.allclose(got, x, atol=1.0)  # the window really did something
+
+
+def test_windowing_fallbacks():
+    ds = read("MR_small.dcm")
+    raw = decode_pixels(ds, "MR_small.dcm")
+    plain = to_monochrome2(raw, ds, voi="none")
+    np.testing.assert_array_equal(plain, raw.astype(np.float32))
+    for change in ({"WindowWidth": 0}, {"WindowCenter": 1e6},  # invalid / constant result
+                   {"VOILUTFunction": "CUBIC"}):
+        odd = copy.deepcopy(ds)
+        for key, value in change.items():
+            setattr(odd, key, value)
+        np.testing.assert_array_equal(to_monochrome2(raw, odd, voi="window"), plain)
+    several = copy.deepcopy(ds)  # several windows: the first one is used
+    several.WindowCenter, several.WindowWidth = [600, 1000], [1600, 400]
+    np.testing.assert_array_equal(to_monochrome2(raw, several, voi="window"),
+                                  to_monochrome2(raw, ds, voi="window"))
+    del ds.WindowCenter, ds.WindowWidth
+    np.testing.assert_array_equal(to_monochrome2(raw, ds, voi="window"), plain)
+    with pytest.raises(ValueError, match="voi"):
+        to_monochrome2(raw, ds, voi="auto")
+    with pytest.raises(ValueError, match="voi"):
+        read_dicom(data_file("MR_small.dcm"), voi="sigmoid")
+
+
+def test_normalise_uint16():
+    a = np.array([[-5.0, 0.0], [5.0, 15.0]], np.float32)
+    np.testing.assert_array_equal(normalise_uint16(a),
+                                  np.round((a + 5) / 20 * 65535).astype(np.uint16))
+    assert normalise_uint16(np.full((3, 4), 7.0)).tolist() == [[0] * 4] * 3
+    assert normalise_uint16(np.arange(6, dtype=np.int16).reshape(2, 3)).dtype == np.uint16
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def phantom(h=1200, w=900, cy=600, cx=400, ry=400, rx=300, seed=0):
+    """Dark noisy background, bright textured ellipse, and a small bright marker."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    img = rng.normal(800, 100, (h, w))
+    img[inside] = 30000 + 8000 * np.sin(xx[inside] / 9.0) * np.cos(yy[inside] / 13.0)
+    img[40:60, w - 60:w - 40] = 60000  # a lead marker: must not widen the box
+    return np.clip(img, 0, 65535).astype(np.uint16), inside
+
+
+def box_of(mask):
+    ys, xs = np.nonzero(mask)
+    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+
+
+@pytest.mark.parametrize("cx", [400, 0])  # free-standing, and touching the chest-wall edge
+def test_crop_breast_finds_ellipse(cx):
+    img, inside = phantom(cx=cx)
+    cropped, (y0, y1, x0, x1) = crop_breast(img, margin=0.02)
+    by0, by1, bx0, bx1 = box_of(inside)
+    my, mx = round(0.02 * 1200), round(0.02 * 900)
+    want = (max(0, by0 - my), min(1200, by1 + my), max(0, bx0 - mx), min(900, bx1 + mx))
+    assert np.abs(np.array((y0, y1, x0, x1)) - np.array(want)).max() <= 6, ((y0, y1, x0, x1), want)
+    np.testing.assert_array_equal(cropped, img[y0:y1, x0:x1])
+
+
+def test_crop_breast_keeps_whole_image_when_nothing_found():
+    flat = np.full((300, 200), 1234, np.uint16)
+    cropped, box = crop_breast(flat)
+    assert box == (0, 300, 0, 200) and cropped.shape == flat.shape
+    with pytest.raises(ValueError, match="2-D"):
+        crop_breast(np.zeros((4, 4, 3), np.uint16))
+
+
+@pytest.mark.parametrize("shape, want", [((3000, 2000), (1036, 691)), ((2000, 3000), (691, 1036))])
+def test_resize_long_side_keeps_aspect(shape, want):
+    out = resize_long_side(np.zeros(shape, np.uint16), 1036)
+    assert out.shape == want and out.dtype == np.uint16
+    assert abs(out.shape[0] / out.shape[1] - shape[0] / shape[1]) < 0.01
+
+
+def test_resize_long_side_is_area_mean_and_never_upscales():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 60000, (64, 48)).astype(np.uint16)
+    out = resize_long_side(img, 32)  # exact factor 2: area = 2x2 block mean
+    want = img.astype(np.float64).reshape(32, 2, 24, 2).mean(axis=(1, 3))
+    assert out.shape == (32, 24)
+    assert np.abs(out - want).max() <= 0.5 + 1e-9
+    assert resize_long_side(img, 64) is img and resize_long_side(img, 500) is img
+    with pytest.raises(ValueError, match="long_side"):
+        resize_long_side(img, 0)
+
+
+# ----------------------------------------------------------------------------- tags
+
+
+def coded(meaning="", value=""):
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SCT", meaning
+    return Sequence([item])
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # lower case on purpose
+def test_laterality_and_view():
+    ds = Dataset()
+    assert laterality_and_view(ds) == ("", "")
+    ds.Laterality, ds.ViewPosition = "r", "mlo "
+    assert laterality_and_view(ds) == ("R", "MLO")
+    ds.ImageLaterality = "L"  # image-level wins over series-level
+    assert laterality_and_view(ds) == ("L", "MLO")
+    ds.ImageLaterality, ds.Laterality = "B", ""  # both breasts: unknown side
+    assert laterality_and_view(ds)[0] == ""
+
+    ds = Dataset()
+    ds.ViewPosition = ""
+    ds.ViewCodeSequence = coded("cranio-caudal", "399162004")
+    assert laterality_and_view(ds) == ("", "CC")
+    ds.ViewCodeSequence = coded("Medio-lateral oblique")
+    assert laterality_and_view(ds)[1] == "MLO"
+    ds.ViewCodeSequence = coded("", "399368009")
+    assert laterality_and_view(ds)[1] == "MLO"
+    ds.ViewCodeSequence = coded("medio-lateral", "")
+    assert laterality_and_view(ds)[1] == "ML"
+    ds.ViewCodeSequence = coded("some free text view")
+    assert laterality_and_view(ds)[1] == ""
+
+    anatomy = Dataset()
+    anatomy.FrameLaterality = "R"
+    group = Dataset()
+    group.FrameAnatomySequence = Sequence([anatomy])
+    ds.SharedFunctionalGroupsSequence = Sequence([group])
+    assert laterality_and_view(ds)[0] == "R"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def copy_of(name, tmp_path, new_name, edit=None):
+    ds = read(name)
+    if edit:
+        edit(ds)
+    path = tmp_path / new_name
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("source, fraction", [
+    ("MR_small.dcm", 0.5), ("MR_small_jp2klossless.dcm", 0.5), ("JPEG-LL.dcm", 0.9)])
+def test_truncated_file(tmp_path, source, fraction):
+    data = open(data_file(source), "rb").read()
+    path = tmp_path / f"cut_{fraction}_{source}"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(DicomError, match=re.escape(path.name)) as err:
+        read_dicom(path)
+    assert "truncated" in str(err.value) or "less than expected" in str(err.value)
+
+
+def test_cut_codestream_in_a_well_formed_file(tmp_path):
+    # openjpeg would decode this silently; the missing end-of-image marker gives it away.
+    def cut(ds):
+        stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+        ds.PixelData = encapsulate([stream[:-200]])
+    path = copy_of("MR_small_jp2klossless.dcm", tmp_path, "cut_stream.dcm", cut)
+    with pytest.raises(DicomError, match=re.escape("cut_stream.dcm")) as err:
+        read_dicom(path)
+    assert "truncated" in str(err.value)
+
+
+def test_missing_pixel_data(tmp_path):
+    path = copy_of("MR_small.dcm", tmp_path, "no_pixels.dcm", lambda ds: ds.pop("PixelData"))
+    with pytest.raises(DicomError, match=re.escape("no_pixels.dcm")) as err:
+        read_dicom(path)
+    assert "no PixelData" in str(err.value)
+
+
+def test_unsupported_transfer_syntax(tmp_path):
+    def to_mpeg2(ds):
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    path = copy_of("MR_small_jp2klossless.dcm", tmp_path, "mpeg2.dcm", to_mpeg2)
+    with pytest.raises(DicomError, match=re.escape("mpeg2.dcm")) as err:
+        read_dicom(path)
+    assert "unsupported transfer syntax 1.2.840.10008.1.2.4.100" in str(err.value)
+    assert "MPEG2" in str(err.value)
+
+
+def test_not_a_dicom_and_missing_file(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a DICOM file\n" * 20)
+    with pytest.raises(DicomError, match=re.escape("notes.txt")) as err:
+        read_dicom(text)
+    assert "not a DICOM file" in str(err.value)
+    with pytest.raises(DicomError, match=re.escape("absent.dcm")) as err:
+        read_dicom(tmp_path / "absent.dcm")
+    assert "not found" in str(err.value)
+
+
+def test_dicom_error_survives_pickling():
+    err = pickle.loads(pickle.dumps(DicomError("/data/a.dcm", "file not found")))
+    assert isinstance(err, DicomError) and err.path == "/data/a.dcm"
+    assert str(err) == "/data/a.dcm: file not found"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def write_mammogram(path, image, *, monochrome1=False, j2k=False, window=None):
+    """A mammogram-like DICOM from a MONOCHROME2-sense uint16 image (14-bit)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "SECRET-ID-42", "MG"
+    ds.ImageLaterality, ds.ViewPosition = "R", "MLO"
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 14, 13
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    stored = (16383 - image) if monochrome1 else image
+    if window:
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = window
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    if j2k:
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_breast():
+    img, inside = phantom(h=1000, w=760, cy=500, cx=0, ry=380, rx=330)
+    return (img // 4).astype(np.uint16), inside  # 14-bit values
+
+
+@pytest.mark.parametrize("monochrome1, j2k", [(False, False), (True, True)])
+def test_read_dicom_end_to_end(tmp_path, synthetic_breast, monochrome1, j2k):
+    img, inside = synthetic_breast
+    path = write_mammogram(tmp_path / "mammo.dcm", img, monochrome1=monochrome1, j2k=j2k)
+    out = read_dicom(path, long_side=400)
+    assert isinstance(out, DecodedImage)
+    assert out.pixels.dtype == np.uint16 and max(out.pixels.shape) <= 400
+    assert out.pixels.flags["C_CONTIGUOUS"]
+    assert (out.laterality, out.view) == ("R", "MLO")
+    assert set(out.timings) == {"read", "decode", "process"}
+    # Bright breast (left, touching the edge) over a dark background (top right).
+    h, w = out.pixels.shape
+    assert out.pixels[h // 2, : w // 4].mean() > 4 * out.pixels[: h // 20, -w // 10:].mean()
+    # Cropped to the breast (+2 % margins), aspect ratio kept through the resize.
+    y0, y1, x0, x1 = box_of(inside)
+    box_h, box_w = min(1000, y1 + 20) - max(0, y0 - 20), min(760, x1 + 15) - max(0, x0 - 15)
+    assert h == 400 and abs(w - 400 * box_w / box_h) <= 4, (w, box_w, box_h)
+
+
+def test_monochrome1_and_2_give_the_same_image(tmp_path, synthetic_breast):
+    img, _ = synthetic_breast
+    m2 = read_dicom(write_mammogram(tmp_path / "m2.dcm", img), long_side=400).pixels
+    m1 = read_dicom(write_mammogram(tmp_path / "m1.dcm", img, monochrome1=True),
+                    long_side=400).pixels
+    assert m1.shape == m2.shape
+    assert np.abs(m1.astype(np.int64) - m2).max() <= 1
+
+
+def test_sigmoid_window_end_to_end(tmp_path, synthetic_breast):
+    img, _ = synthetic_breast
+    path = write_mammogram(tmp_path / "sig.dcm", img, window=(7000, 4000, "SIGMOID"))
+    windowed = read_dicom(path, voi="window", long_side=1000, crop=False).pixels
+    plain = read_dicom(path, voi="none", long_side=1000, crop=False).pixels
+    assert windowed.shape == plain.shape and not np.array_equal(windowed, plain)
+    # Sigmoid is monotonic: the order of grey values is kept.
+    order = np.argsort(plain.ravel(), kind="stable")
+    assert np.all(np.diff(windowed.ravel()[order].astype(np.int64)) >= -1)
+
+
+def test_errors_never_quote_header_values(tmp_path, synthetic_breast):
+    img, _ = synthetic_breast
+    path = write_mammogram(tmp_path / "phi.dcm", img[:64, :64])
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    with pytest.raises(DicomError, match=re.escape("phi.dcm")) as err:
+        read_dicom(path)
+    assert "Doe" not in str(err.value) and "SECRET" not in str(err.value)
+    assert {f for f in DecodedImage.__dataclass_fields__} == {"pixels", "laterality", "view", "timings"}
