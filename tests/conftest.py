@@ -15,3 +15,23 @@ from absl import flags  # noqa: E402
 
 # grain 0.2.18 reads an absl flag when iterating; pytest never parses flags.
 flags.FLAGS.mark_as_parsed()
+
+# Compiled programs are reused across test processes (the train tests start
+# several identical runs); the key is the program itself, so it is never stale.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_cache, "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small synthetic EMBED dataset built once per test session: its TFDS folder."""
+    from data_prep import build, synthetic
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    synthetic.generate(str(root / "raw"), patients=6, seed=1, image_size=(160, 128))
+    build.build("embed", str(root / "raw"), str(root / "raw"), str(root / "out"), workers=1,
+                long_side=128)
+    return build.dataset_dir(str(root / "out"), "embed")

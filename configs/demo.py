@@ -1,0 +1,40 @@
+"""The embedded default: tiny towers on the synthetic dataset, a few hundred
+steps on a laptop CPU. `make demo` builds the data and runs this:
+
+  python -m mama_jax.main --config=configs/demo.py --workdir=work/demo \
+      --config.data.dataset_dir=work/dataset/tfds/mammography/embed/1.0.0
+
+No pretrained weights: both towers start from random init and the tokenizer is
+a tiny BPE trained on the dataset's own captions (written to WORKDIR/tokenizer).
+"""
+
+from configs import pretrain
+
+
+def get_config(arg: str | None = None):
+    c = pretrain.base_config()
+    c.mode = "pretrain"
+    c.data.image_size = 112
+    c.data.global_batch_size = 16
+    c.data.max_length = 128  # the longest synthetic caption is ~123 tokens of the demo BPE
+    c.data.num_threads = 4
+    c.data.prefetch = 2
+    c.model.update(dict(
+        vit="tiny", num_registers=4, text="tiny", tokenizer="", random_init=True,
+        train_text_base=True,
+        embed_dim=64, local_hidden=128, simclr_out=64, max_sentences=12,
+        dtype="float32", text_param_dtype="float32", scan_layers=True, remat=False,
+    ))
+    c.loss.delta = 100
+    c.optim.update(dict(lr=1e-3, warmup_steps=30, total_steps=300, weight_decay=0.05))
+    c.train.update(dict(steps=300, log_every=25, checkpoint_every=100, keep_checkpoints=2))
+    if arg == "test":  # a handful of steps, for the test suite
+        c.data.image_size = 56
+        c.data.global_batch_size = 8
+        c.data.max_length = 64
+        c.loss.delta = 2
+        c.optim.update(dict(warmup_steps=2, total_steps=6))
+        c.train.update(dict(steps=6, log_every=1, checkpoint_every=3))
+    elif arg:
+        raise ValueError(f"configs/demo.py: unknown preset {arg!r} (known: test)")
+    return c

@@ -1,0 +1,139 @@
+"""Config -> objects: the tokenizer, the MaMA model, the data and loss settings.
+
+Every path a run needs is a config field; a missing one stops with a message
+that says which field and how to set it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mama_jax import captions, data, losses
+from mama_jax.models import convert, mama, text, tokenizer as tok_lib, vit
+from mama_jax.models.lora import LoRAConfig
+
+
+class ConfigError(ValueError):
+    """A config field is missing or inconsistent; the message names it."""
+
+
+def require_path(value: str, field: str, how: str) -> str:
+    if not value:
+        raise ConfigError(f"config.{field} is not set: {how}")
+    if not os.path.exists(value):
+        raise ConfigError(f"config.{field}={value!r} does not exist: {how}")
+    return value
+
+
+def data_config(cfg, *, seed: int | None = None) -> data.DataConfig:
+    d = cfg.data
+    require_path(d.dataset_dir, "data.dataset_dir",
+                 "build a dataset with `python -m data_prep build ... --out OUT` and pass "
+                 "--config.data.dataset_dir=OUT/tfds/mammography/<dataset>/1.0.0")
+    return data.DataConfig(
+        dataset_dir=d.dataset_dir, image_size=d.image_size, global_batch_size=d.global_batch_size,
+        max_length=d.max_length, second_view=d.second_view, p_self=d.p_self,
+        caption_style=d.caption_style, mask_prob=d.mask_prob,
+        seed=cfg.seed if seed is None else seed, num_threads=d.num_threads, prefetch=d.prefetch)
+
+
+def loss_options(cfg) -> losses.LossOptions:
+    l = cfg.loss
+    return losses.LossOptions(
+        use_vv=l.use_vv, use_second_view_clip=l.use_second_view_clip, use_local=l.use_local,
+        aux_start_step=l.aux_start_step if l.aux_start_step >= 0 else None,
+        directions=l.directions, clip_directions=l.clip_directions or None,
+        caption_chunk=l.caption_chunk or None, max_log_scale=l.max_log_scale or None)
+
+
+def tokenizer(cfg, workdir: str) -> tok_lib.TextTokenizer:
+    """The configured tokenizer; with none configured and random_init, a tiny BPE
+    trained on the training split's captions (kept in WORKDIR/tokenizer)."""
+    if cfg.model.tokenizer:
+        return tok_lib.load_tokenizer(cfg.model.tokenizer)
+    if not cfg.model.random_init:
+        raise ConfigError("config.model.tokenizer is not set: pass a local tokenizer folder "
+                          "(e.g. the BioMedLM folder) or a hub id")
+    folder = os.path.join(workdir, "tokenizer")
+    if not os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+        source = data.open_split(data_config(cfg).dataset_dir, "train")
+        texts = [captions.build_caption(source[i], style="structured_nomask")
+                 for i in range(len(source))]
+        texts += [p for task in ("birads", "density") for p in captions.zero_shot_prompts(task, prefix="none")]
+        if jax.process_index() == 0:
+            tok_lib.build_tiny_tokenizer(folder, texts, vocab_size=1000)
+    return tok_lib.load_tokenizer(folder)
+
+
+def _lora(cfg) -> LoRAConfig:
+    m = cfg.model
+    return LoRAConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                      targets=tuple(m.lora_targets))
+
+
+def _vision(cfg, dtype) -> vit.VisionTransformer:
+    m = cfg.model
+    overrides = dict(attention_impl=m.attention_impl or None)
+    if m.vit_weights:
+        if os.path.exists(os.path.join(m.vit_weights, convert.TOWER_FILE)):
+            return convert.load_tower(m.vit_weights, expect="dinov2")
+        return convert.load_dinov2(m.vit_weights, dtype=dtype, scan_layers=m.scan_layers,
+                                   remat=m.remat, config_overrides=overrides)
+    if not m.random_init:
+        require_path("", "model.vit_weights", "point it at dinov2_vitb14_reg4_pretrain.pth, a "
+                     "transformers Dinov2 folder or a converted tower, or set "
+                     "--config.model.random_init=True")
+    vc = vit.vit_config(m.vit, num_registers=m.num_registers, dtype=dtype, scan_layers=m.scan_layers,
+                        remat=m.remat, **overrides)
+    return nnx.eval_shape(lambda: vit.VisionTransformer(vc, rngs=nnx.Rngs(0)))
+
+
+def _text(cfg, tok, dtype) -> text.TextDecoder:
+    m = cfg.model
+    base_dtype = jnp.dtype(m.text_param_dtype)
+    common = dict(lora=_lora(cfg), num_added_tokens=tok.num_added_tokens, scan_layers=m.scan_layers,
+                  remat=m.remat)
+    if m.text_weights:
+        if os.path.exists(os.path.join(m.text_weights, convert.TOWER_FILE)):
+            model = convert.load_tower(m.text_weights, expect="gpt2")
+        else:
+            model = convert.load_gpt2(m.text_weights, dtype=dtype, param_dtype=base_dtype, **common)
+        tok.check_model(model.cfg.vocab_size, model.cfg.num_added_tokens)
+        return model
+    if not m.random_init:
+        require_path("", "model.text_weights", "point it at a BioMedLM (GPT-2) transformers folder "
+                     "or a converted tower, or set --config.model.random_init=True")
+    tc = text.text_config(m.text, vocab_size=tok.base_vocab_size, dtype=dtype,
+                          param_dtype=base_dtype, **common)
+    return nnx.eval_shape(lambda: text.TextDecoder(tc, rngs=nnx.Rngs(0)))
+
+
+def model(cfg, tok: tok_lib.TextTokenizer) -> mama.MaMA:
+    """MaMA with pretrained towers where configured; random parts are initialised
+    inside jit (from cfg.seed) so nothing is built twice on the host."""
+    dtype = jnp.dtype(cfg.model.dtype)
+    vision, lm = _vision(cfg, dtype), _text(cfg, tok, dtype)
+    mcfg = mama.MaMAConfig(vit=vision.cfg, text=lm.cfg, sep_id=tok.sep_id,
+                           embed_dim=cfg.model.embed_dim, local_hidden=cfg.model.local_hidden,
+                           simclr_out=cfg.model.simclr_out, text_pool=cfg.model.text_pool,
+                           max_sentences=cfg.model.max_sentences, freeze_llm=cfg.model.freeze_llm,
+                           train_text_base=cfg.model.train_text_base)
+
+    def init():
+        rngs = nnx.Rngs(cfg.seed)
+        fresh_vision = vit.VisionTransformer(vision.cfg, rngs=rngs)
+        fresh_text = text.TextDecoder(lm.cfg, rngs=rngs)
+        return nnx.state(mama.MaMA(mcfg, rngs=rngs, vision=fresh_vision, text=fresh_text))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: mama.MaMA(mcfg, rngs=nnx.Rngs(0))))
+    state = jax.jit(init)()
+    # Pretrained towers replace their random init (abstract towers stay random).
+    for name, tower in (("vision", vision), ("text", lm)):
+        tower_state = nnx.state(tower)
+        if all(isinstance(x, jax.Array) for x in jax.tree.leaves(tower_state)):
+            state[name] = tower_state
+    return nnx.merge(graphdef, state)

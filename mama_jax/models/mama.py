@@ -1,0 +1,130 @@
+"""MaMA: the vision and text towers, their global / local / SimCLR heads, two temperatures.
+
+Features (spec/reference_behaviour.md §1):
+- image global g(x): mean of the ViT's pre-norm states over all tokens -> Linear -> d;
+- image local: the post-norm patch tokens -> TokenMLP -> d;
+- text global: the hidden state at the last non-padding token (D7) -> Linear -> d;
+- text local: hidden states at every SEP token -> TokenMLP (masked BN) -> d;
+- SimCLR head on g(x) for the image-image loss (D15).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mama_jax.models import text as text_lib
+from mama_jax.models.heads import Scalar, TokenMLP
+from mama_jax.models.text import TextConfig, TextDecoder
+from mama_jax.models.vit import ViTConfig, VisionTransformer
+
+TEXT_POOLS = ("last", "masked_mean", "official")
+# Vision parameters that never train: the final norm only feeds the local
+# branch in the official model and is frozen there; the mask token is unused.
+FROZEN_VISION = ("norm", "mask_token")
+LOCAL_GROUP = ("img_local", "txt_local", "local_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaMAConfig:
+    vit: ViTConfig
+    text: TextConfig
+    sep_id: int
+    embed_dim: int = 512
+    local_hidden: int = 2048
+    simclr_out: int = 512
+    text_pool: str = "last"
+    max_sentences: int = 16
+    init_log_scale: float = math.log(1 / 0.07)
+    freeze_llm: bool = False  # D5: LoRA frozen too (the official run's effective setting)
+    train_text_base: bool = False  # the whole decoder trains (random-init demo only)
+
+    def __post_init__(self):
+        if self.text_pool not in TEXT_POOLS:
+            raise ValueError(f"MaMAConfig.text_pool={self.text_pool!r}; choose from {TEXT_POOLS}")
+
+
+class MaMA(nnx.Module):
+    def __init__(self, cfg: MaMAConfig, *, rngs: nnx.Rngs, vision: VisionTransformer | None = None,
+                 text: TextDecoder | None = None):
+        self.cfg = cfg
+        dtype = cfg.vit.dtype
+        dv, dt, d = cfg.vit.hidden, cfg.text.hidden, cfg.embed_dim
+        self.vision = vision if vision is not None else VisionTransformer(cfg.vit, rngs=rngs)
+        self.text = text if text is not None else TextDecoder(cfg.text, rngs=rngs)
+        self.img_global = nnx.Linear(dv, d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.txt_global = nnx.Linear(dt, d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.img_local = TokenMLP(dv, cfg.local_hidden, d, bias=True, final_affine=False,
+                                  dtype=dtype, rngs=rngs)
+        self.txt_local = TokenMLP(dt, cfg.local_hidden, d, bias=True, final_affine=False,
+                                  dtype=dtype, rngs=rngs)
+        self.simclr = TokenMLP(dv, dv, cfg.simclr_out, bias=False, final_affine=True,
+                               dtype=dtype, rngs=rngs)
+        self.logit_scale = Scalar(jnp.asarray(cfg.init_log_scale, jnp.float32))
+        self.local_scale = Scalar(jnp.asarray(cfg.init_log_scale, jnp.float32))
+
+    # ------------------------------------------------------------ images
+    def image_features(self, images: jax.Array):
+        """(g(x) [B, Dv] fp32, post-norm patch tokens [B, P, Dv])."""
+        out = self.vision(images)
+        return out.prenorm.astype(jnp.float32).mean(axis=1), out.patch_tokens
+
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """Global image embeddings [B, d] (not normalised), as zero-shot uses them."""
+        pooled, _ = self.image_features(images)
+        return self.img_global(pooled).astype(jnp.float32)
+
+    # ------------------------------------------------------------ text
+    def text_states(self, input_ids, attention_mask, *, train: bool, rngs: nnx.Rngs | None = None):
+        return self.text(input_ids, attention_mask, deterministic=not train, rngs=rngs)
+
+    def pool_text(self, hidden, attention_mask) -> jax.Array:
+        if self.cfg.text_pool == "last":
+            return text_lib.last_token_features(hidden, attention_mask)
+        if self.cfg.text_pool == "masked_mean":
+            return text_lib.masked_mean(hidden, attention_mask)
+        return hidden.astype(jnp.float32).mean(axis=1)  # official: pads included (D7)
+
+    def encode_texts(self, input_ids, attention_mask) -> jax.Array:
+        """Global text embeddings [B, d] (not normalised)."""
+        hidden = self.text_states(input_ids, attention_mask, train=False)
+        return self.txt_global(self.pool_text(hidden, attention_mask)).astype(jnp.float32)
+
+    # ------------------------------------------------------------ training forward
+    def __call__(self, batch: dict, *, train: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+        """Embeddings for losses.mama_loss from a batch {view1, view2, input_ids, attention_mask}."""
+        b = batch["view1"].shape[0]
+        images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+        pooled, patches = self.image_features(images)
+        img_global = self.img_global(pooled)
+        simclr = self.simclr(pooled, train=train)
+        patch_1 = self.img_local(patches[:b], train=train)
+
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        hidden = self.text_states(ids, mask, train=train, rngs=rngs)
+        txt_global = self.txt_global(self.pool_text(hidden, mask))
+        sent, sent_mask = text_lib.sentence_features(hidden, ids, self.cfg.sep_id,
+                                                     self.cfg.max_sentences)
+        sent = self.txt_local(sent, sent_mask, train=train)
+        return {
+            "img_global_1": img_global[:b], "img_global_2": img_global[b:],
+            "txt_global": txt_global, "simclr_1": simclr[:b], "simclr_2": simclr[b:],
+            "patch_1": patch_1, "sent": sent, "sent_mask": sent_mask,
+        }
+
+
+def trainable_filter(cfg: MaMAConfig):
+    """What the optimiser updates: the ViT (less its final norm and mask token),
+    every head, both temperatures, and LoRA (unless freeze_llm); never the LM base."""
+    vision_and_heads = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text")),
+                               *[nnx.Not(nnx.All(nnx.PathContains("vision"), nnx.PathContains(n)))
+                                 for n in FROZEN_VISION])
+    if cfg.train_text_base:
+        return nnx.Any(vision_and_heads, nnx.All(nnx.PathContains("text"), nnx.Param))
+    if cfg.freeze_llm:
+        return vision_and_heads
+    return nnx.Any(vision_and_heads, nnx.All(nnx.PathContains("text"), text_lib.trainable_filter(cfg.text)))

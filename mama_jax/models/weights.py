@@ -1,0 +1,137 @@
+"""Reading source checkpoints and mapping their tensors strictly.
+
+Formats: a safetensors file, a folder with `model.safetensors` or a sharded
+`model.safetensors.index.json`, and torch pickles (`pytorch_model.bin`,
+torch-hub `.pth`), the latter through torch with weights_only=True so a
+checkpoint can never run code. torch is imported only for those formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """A source checkpoint does not match the target architecture."""
+
+
+def _torch_to_numpy(state: dict) -> dict[str, np.ndarray]:
+    import torch  # only for .bin / .pth sources
+
+    out = {}
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor):
+            if tensor.dtype == torch.bfloat16:
+                tensor = tensor.float()
+            out[name] = tensor.detach().cpu().numpy()
+    return out
+
+
+def _load_torch_file(path: str) -> dict[str, np.ndarray]:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # torch-hub and Lightning files sometimes nest the weights.
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return _torch_to_numpy(state)
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # bf16 tensors cannot be read by numpy directly
+        if "bfloat16" not in str(err).lower() and "bf16" not in str(err).lower():
+            raise ConversionError(f"{path}: cannot read safetensors file: {err}") from err
+        from safetensors import safe_open
+        import ml_dtypes
+
+        out = {}
+        with safe_open(path, framework="flax") as f:
+            for k in f.keys():
+                out[k] = np.asarray(f.get_tensor(k)).astype(np.float32)
+        del ml_dtypes
+        return out
+
+
+def load_tensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint file or folder as numpy arrays, by source name."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        bin_file = os.path.join(path, "pytorch_model.bin")
+        if os.path.exists(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            tensors: dict[str, np.ndarray] = {}
+            for shard in shards:
+                tensors.update(_load_safetensors(os.path.join(path, shard)))
+            return tensors
+        if os.path.exists(single):
+            return _load_safetensors(single)
+        if os.path.exists(bin_file):
+            return _load_torch_file(bin_file)
+        raise ConversionError(
+            f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: no such checkpoint file or folder")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    if path.endswith((".bin", ".pth", ".pt")):
+        return _load_torch_file(path)
+    raise ConversionError(f"{path}: unknown checkpoint format (want .safetensors, .bin, .pth or a folder)")
+
+
+class StrictTensors:
+    """Hands out source tensors by name and checks that all were consumed.
+
+    `take(name, shape)` returns the tensor and marks it used; a wrong shape or a
+    missing name is recorded, not raised, so `finish()` can report every problem
+    in one error. `ignore(pattern)` marks tensors that are dropped on purpose.
+    """
+
+    def __init__(self, tensors: dict[str, np.ndarray], source: str = "checkpoint"):
+        self.tensors = tensors
+        self.source = source
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.bad_shapes: list[str] = []
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str, shape: Iterable[int] | None = None) -> np.ndarray | None:
+        if name not in self.tensors:
+            self.missing.append(name)
+            return None
+        value = self.tensors[name]
+        self.used.add(name)
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            self.bad_shapes.append(f"{name}: {tuple(value.shape)} != expected {tuple(shape)}")
+        return value
+
+    def ignore(self, pattern: str) -> None:
+        """Mark every tensor whose name fully matches the regex as deliberately unused."""
+        rx = re.compile(pattern)
+        self.used.update(k for k in self.tensors if rx.fullmatch(k))
+
+    def finish(self) -> None:
+        unexpected = sorted(set(self.tensors) - self.used)
+        problems = []
+        if self.missing:
+            problems.append("missing tensors: " + ", ".join(self.missing))
+        if self.bad_shapes:
+            problems.append("wrong shapes: " + "; ".join(self.bad_shapes))
+        if unexpected:
+            problems.append("unexpected tensors: " + ", ".join(unexpected))
+        if problems:
+            raise ConversionError(f"{self.source}: " + " | ".join(problems))

@@ -1,0 +1,221 @@
+"""Pretraining: one jitted, sharded step and the loop around it.
+
+The step takes the trainable parameters, the rest of the model state (frozen
+weights, BatchNorm statistics), the optimiser state and a global batch; it
+returns them updated plus the loss terms. The loop feeds it from Grain, logs,
+checkpoints every N steps, on SIGTERM/SIGINT and at the end, resumes from the
+latest checkpoint, and stops on a non-finite loss without saving it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from mama_jax import checkpoint, data, factory, losses, metrics, optim, sharding
+from mama_jax.models import mama
+from mama_jax.models.lora import lora_value_and_grad
+
+STEP_INPUTS = ("view1", "view2", "input_ids", "attention_mask")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def train_step(graphdef, trainable, rest, opt_state, batch, step, dropout_key, *, tx, delta,
+               nt_xent_temperature, options, mesh):
+    model = nnx.merge(graphdef, trainable, rest)
+    trainable_filter = mama.trainable_filter(model.cfg)
+
+    def loss_fn(model):
+        emb = model(batch, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+        return losses.mama_loss(
+            emb, step=step, delta=delta, logit_scale=model.logit_scale[...],
+            local_scale=model.local_scale[...], nt_xent_temperature=nt_xent_temperature,
+            options=options, mesh=mesh, data_axes=sharding.BATCH_AXES)
+
+    # Gradients of the trainable parameters only; BatchNorm statistics update in place.
+    (_, parts), grads = lora_value_and_grad(loss_fn, wrt=trainable_filter, has_aux=True)(model)
+    _, trainable, rest = nnx.split(model, trainable_filter, ...)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    out = dict(parts, grad_norm=optax.tree.norm(grads), logit_scale=model.logit_scale[...],
+               local_scale=model.local_scale[...])
+    return trainable, rest, opt_state, out
+
+
+class Run:
+    """The sharded training state and its jitted step (graphdef + three pytrees)."""
+
+    def __init__(self, graphdef, trainable, rest, opt_state, shardings, step_fn):
+        self.graphdef, self.trainable, self.rest, self.opt_state = graphdef, trainable, rest, opt_state
+        self.shardings, self._step_fn = shardings, step_fn
+
+    @classmethod
+    def create(cls, cfg, model, mesh) -> "Run":
+        graphdef, trainable, rest = nnx.split(model, mama.trainable_filter(model.cfg), ...)
+        tx = optim.make_optimizer(cfg.optim, trainable, local_group=mama.LOCAL_GROUP,
+                                  local_start=cfg.loss.delta)
+        trainable_sh = sharding.state_shardings(trainable, mesh)
+        rest_sh = sharding.state_shardings(rest, mesh)
+        trainable = jax.device_put(trainable, trainable_sh)
+        rest = jax.device_put(rest, rest_sh)
+        opt_state = jax.jit(tx.init)(trainable)
+        opt_sh = sharding.state_shardings(opt_state, mesh)
+        opt_state = jax.device_put(opt_state, opt_sh)
+        step_fn = jax.jit(
+            functools.partial(train_step, graphdef, tx=tx, delta=cfg.loss.delta,
+                              nt_xent_temperature=cfg.loss.nt_xent_temperature,
+                              options=factory.loss_options(cfg), mesh=mesh),
+            donate_argnums=(0, 1, 2), out_shardings=(trainable_sh, rest_sh, opt_sh, None))
+        return cls(graphdef, trainable, rest, opt_state, (trainable_sh, rest_sh, opt_sh), step_fn)
+
+    @property
+    def params(self) -> dict:
+        return {"trainable": self.trainable, "rest": self.rest}
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.trainable, self.rest)
+
+    def step(self, global_batch: dict, opt_step: int, dropout_key) -> dict:
+        self.trainable, self.rest, self.opt_state, out = self._step_fn(
+            self.trainable, self.rest, self.opt_state, global_batch,
+            jnp.asarray(opt_step, jnp.int32), dropout_key)
+        return out
+
+    def restore(self, ckpt: checkpoint.Checkpointer, step: int, iterator=None) -> None:
+        trainable_sh, rest_sh, opt_sh = self.shardings
+        params, self.opt_state = ckpt.restore(
+            step, params={"trainable": checkpoint.abstract_like(self.trainable, trainable_sh),
+                          "rest": checkpoint.abstract_like(self.rest, rest_sh)},
+            opt_state=checkpoint.abstract_like(self.opt_state, opt_sh), data_iterator=iterator)
+        self.trainable, self.rest = params["trainable"], params["rest"]
+
+
+class _Window:
+    """Means of the step metrics since the last log line, plus throughput."""
+
+    def __init__(self):
+        self.sums, self.steps, self.samples, self.seconds, self.data_seconds = {}, 0, 0, 0.0, 0.0
+
+    def add(self, values: dict, samples: int, seconds: float, data_seconds: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+
+    def flush(self, **extra) -> dict:
+        out = {k: v / self.steps for k, v in self.sums.items()}
+        out.update(extra, samples_per_s=self.samples / max(self.seconds, 1e-9),
+                   data_wait_s=self.data_seconds / self.steps)
+        self.__init__()
+        return out
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop saves and exits after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg, workdir: str) -> dict:
+    """Run (or resume) pretraining in workdir; returns the last logged metrics."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if cfg.data.global_batch_size % mesh.size:
+        raise factory.ConfigError(f"config.data.global_batch_size={cfg.data.global_batch_size} "
+                                  f"must divide evenly over the {mesh.size} devices")
+    data_cfg = factory.data_config(cfg)
+    tok = factory.tokenizer(cfg, workdir)
+    model = factory.model(cfg, tok)
+    run = Run.create(cfg, model, mesh)
+    del model
+    iterator = data.train_iterator(data_cfg, tok, process_index=proc, process_count=n_proc)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   keep=cfg.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        run.restore(ckpt, start, iterator)
+    lr_at = optim.schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.total_steps,
+                           cfg.optim.init_lr, cfg.optim.end_lr)
+    base_key = jax.random.key(cfg.seed + 1)
+    writer = metrics.MetricsWriter(workdir)
+    steps, log_every = cfg.train.steps, cfg.train.log_every
+    last: dict = {}
+    window = _Window()
+
+    def save(step):
+        ckpt.save(step, params=run.params, opt_state=run.opt_state, data_iterator=iterator)
+
+    bar = tqdm(total=steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=proc != 0)
+    try:
+        with _StopFlag() as stop:
+            for step in range(start, steps):
+                t0 = time.perf_counter()
+                batch = next(iterator)
+                t1 = time.perf_counter()
+                global_batch = sharding.shard_batch({k: batch[k] for k in STEP_INPUTS}, mesh)
+                opt_step = step // cfg.optim.grad_accum
+                out = run.step(global_batch, opt_step, jax.random.fold_in(base_key, step))
+                # Scalars only; the sync means a bad step never reaches a checkpoint.
+                values = {k: float(v) for k, v in jax.device_get(out).items()}
+                if not math.isfinite(values["total"]):
+                    raise NonFiniteLossError(
+                        f"step {step + 1}: loss is {values['total']} (terms: {values}); stopped "
+                        f"without saving, the last good checkpoint in {ckpt.directory} is step "
+                        f"{ckpt.latest_step()}")
+                window.add(values, cfg.data.global_batch_size, time.perf_counter() - t0, t1 - t0)
+                done = step + 1
+                bar.update()
+                if done % log_every == 0 or done == steps:
+                    last = window.flush(lr=float(lr_at(opt_step)))
+                    writer.write(done, last)
+                    bar.set_postfix(loss=f"{last['total']:.4f}", w=f"{values['w']:.0f}")
+                if done % cfg.train.checkpoint_every == 0 or done == steps:
+                    save(done)
+                if stop.signal:
+                    if done % cfg.train.checkpoint_every and done != steps:
+                        save(done)
+                    bar.write(f"{stop.signal}: saved step {done}, exiting")
+                    break
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    return last
+
+
+def per_step_losses(workdir: str) -> dict[int, float]:
+    """The logged total loss per step (for tests and reports)."""
+    return {s: v["total"] for s, v in metrics.read_metrics(workdir).items()}
+
+
