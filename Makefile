@@ -32,10 +32,13 @@ $(VENV)/.test: $(VENV)/.core
 install: $(VENV)/.core
 install-test: $(VENV)/.test
 
+DATASET := $(WORK)/dataset/tfds/mammography/embed/1.0.0
+
 demo: $(VENV)/.core
 	$(PY) -m data_prep synthetic --out $(WORK)/synthetic --patients $(DEMO_PATIENTS) --seed 0
 	$(PY) -m data_prep build --dataset embed --tables $(WORK)/synthetic --images $(WORK)/synthetic --out $(WORK)/dataset
-	@echo "Demo dataset: $(WORK)/dataset (manifest: $(WORK)/dataset/manifest.jsonl)"
+	$(PY) -m mama_jax.main --config=configs/demo.py --workdir=$(WORK)/demo --config.data.dataset_dir=$(DATASET)
+	$(PY) -m mama_jax.report_losses $(WORK)/demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

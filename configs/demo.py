@@ -19,15 +19,21 @@ def get_config(arg: str | None = None):
     c.data.max_length = 128  # the longest synthetic caption is ~123 tokens of the demo BPE
     c.data.num_threads = 4
     c.data.prefetch = 2
+    # Gentler views than the paper's: a 2-layer ViT at 112 px learns density from
+    # brightness and texture, which strong crops and intensity jitter hide.
+    c.data.crop_scale = (0.5, 1.0)
+    c.data.jitter_prob = 0.2
+    c.data.brightness = 0.2
+    c.data.contrast = 0.2
     c.model.update(dict(
         vit="tiny", num_registers=4, text="tiny", tokenizer="", random_init=True,
-        train_text_base=True,
+        train_text_base=True, vit_layerscale_init=1.0,
         embed_dim=64, local_hidden=128, simclr_out=64, max_sentences=12,
         dtype="float32", text_param_dtype="float32", scan_layers=True, remat=False,
     ))
-    c.loss.delta = 100
-    c.optim.update(dict(lr=1e-3, warmup_steps=30, total_steps=300, weight_decay=0.05))
-    c.train.update(dict(steps=300, log_every=25, checkpoint_every=100, keep_checkpoints=2))
+    c.loss.delta = 200
+    c.optim.update(dict(lr=1e-3, warmup_steps=30, total_steps=600, weight_decay=0.05))
+    c.train.update(dict(steps=600, log_every=25, checkpoint_every=200, keep_checkpoints=2))
     if arg == "test":  # a handful of steps, for the test suite
         c.data.image_size = 56
         c.data.global_batch_size = 8

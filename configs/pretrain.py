@@ -29,11 +29,20 @@ def base_config() -> ml_collections.ConfigDict:
         mask_prob=0.8,                # meta-information masking m
         num_threads=8,
         prefetch=4,
+        # SimCLR-style augmentation of both views (spec §3.4)
+        crop_scale=(0.1, 1.0),
+        hflip=0.5,
+        vflip=0.5,
+        jitter_prob=0.8,
+        brightness=0.8,
+        contrast=0.8,
+        blur_prob=0.4,
     ))
 
     c.model = ml_collections.ConfigDict(dict(
         vit="base",                   # tiny | small | base | large (random init only)
         num_registers=4,
+        vit_layerscale_init=1e-5,     # random init only (pretrained weights bring their own)
         vit_weights="",               # transformers Dinov2 folder, torch-hub .pth, or converted tower
         text="biomedlm",              # tiny | biomedlm (random init only)
         text_weights="",              # transformers GPT-2 folder or converted tower
@@ -68,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
         nt_xent_temperature=0.5,      # D15
         caption_chunk=0,              # 0 = automatic
         max_log_scale=4.6052,         # clamp ln(100) as CLIP; 0 = no clamp (official)
+        negatives="global",           # per_device = official CLIP / local negatives (D3)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -38,7 +38,9 @@ def data_config(cfg, *, seed: int | None = None) -> data.DataConfig:
         dataset_dir=d.dataset_dir, image_size=d.image_size, global_batch_size=d.global_batch_size,
         max_length=d.max_length, second_view=d.second_view, p_self=d.p_self,
         caption_style=d.caption_style, mask_prob=d.mask_prob,
-        seed=cfg.seed if seed is None else seed, num_threads=d.num_threads, prefetch=d.prefetch)
+        seed=cfg.seed if seed is None else seed, num_threads=d.num_threads, prefetch=d.prefetch,
+        crop_scale=tuple(d.crop_scale), hflip=d.hflip, vflip=d.vflip, jitter_prob=d.jitter_prob,
+        brightness=d.brightness, contrast=d.contrast, blur_prob=d.blur_prob)
 
 
 def loss_options(cfg) -> losses.LossOptions:
@@ -47,7 +49,8 @@ def loss_options(cfg) -> losses.LossOptions:
         use_vv=l.use_vv, use_second_view_clip=l.use_second_view_clip, use_local=l.use_local,
         aux_start_step=l.aux_start_step if l.aux_start_step >= 0 else None,
         directions=l.directions, clip_directions=l.clip_directions or None,
-        caption_chunk=l.caption_chunk or None, max_log_scale=l.max_log_scale or None)
+        caption_chunk=l.caption_chunk or None, max_log_scale=l.max_log_scale or None,
+        negatives=l.negatives)
 
 
 def tokenizer(cfg, workdir: str) -> tok_lib.TextTokenizer:
@@ -88,7 +91,7 @@ def _vision(cfg, dtype) -> vit.VisionTransformer:
                      "transformers Dinov2 folder or a converted tower, or set "
                      "--config.model.random_init=True")
     vc = vit.vit_config(m.vit, num_registers=m.num_registers, dtype=dtype, scan_layers=m.scan_layers,
-                        remat=m.remat, **overrides)
+                        remat=m.remat, layerscale_init=m.vit_layerscale_init, **overrides)
     return nnx.eval_shape(lambda: vit.VisionTransformer(vc, rngs=nnx.Rngs(0)))
 
 

@@ -276,6 +276,20 @@ def local_loss(sent_emb, sent_mask, patch_emb, local_scale, *, directions="mean"
 # ------------------------------------------------------------------------ eq. 4
 
 
+def per_device_mean(fn, mesh: Mesh, data_axes, *arrays):
+    """mean over devices of fn(each device's batch slice of `arrays`) -> scalar.
+
+    The official code's per-GPU negatives (D3): every loss sees only its own slice.
+    """
+    axes = _data_axes(mesh, data_axes)
+
+    def local(*xs):
+        return jax.lax.pmean(fn(*xs), axes)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(P(axes) for _ in arrays),
+                         out_specs=P())(*arrays)
+
+
 def local_weight(step, delta):
     """w of eq. 4: 0.0 for step < delta, else 1.0 (hard switch; jittable in step)."""
     return jnp.where(jnp.asarray(step) >= delta, 1.0, 0.0).astype(_F32)
@@ -294,12 +308,18 @@ class LossOptions:
     clip_directions: str | None = None  # override for the CLIP terms, e.g. "i2t"
     caption_chunk: int | None = None    # captions per local-similarity chunk
     max_log_scale: float | None = None  # optional clamp of both scales (e.g. ln 100)
+    # D3: "per_device" = the official run's CLIP and local negatives from each
+    # device's own batch slice (NT-Xent stays global, as there); needs a mesh.
+    negatives: str = "global"
 
     def __post_init__(self):
         _check_directions(self.directions, LOCAL_DIRECTIONS, "LossOptions.directions")
         if self.clip_directions is not None:
             _check_directions(self.clip_directions, CLIP_DIRECTIONS,
                               "LossOptions.clip_directions")
+        if self.negatives not in ("global", "per_device"):
+            raise ValueError(f"LossOptions.negatives must be 'global' or 'per_device', "
+                             f"got {self.negatives!r}")
         if self.aux_start_step is not None and self.aux_start_step < 0:
             raise ValueError(f"LossOptions.aux_start_step must be >= 0, "
                              f"got {self.aux_start_step}")
@@ -345,15 +365,28 @@ def mama_loss(emb: Mapping[str, Any], *, step, delta, logit_scale, local_scale,
     w_aux = (local_weight(step, options.aux_start_step)
              if options.aux_start_step is not None else jnp.ones((), _F32))
 
-    vt_1 = clip_loss(emb["img_global_1"], emb["txt_global"], logit_scale, directions=clip_dirs)
-    vt_2 = (clip_loss(emb["img_global_2"], emb["txt_global"], logit_scale, directions=clip_dirs)
-            if options.use_second_view_clip else zero)
+    per_device = options.negatives == "per_device" and mesh is not None
+
+    def clip(images):
+        if per_device:
+            return per_device_mean(
+                lambda i, t: clip_loss(i, t, logit_scale, directions=clip_dirs), mesh, data_axes,
+                images, emb["txt_global"])
+        return clip_loss(images, emb["txt_global"], logit_scale, directions=clip_dirs)
+
+    def local_term():
+        args = (emb["sent"], emb["sent_mask"], emb["patch_1"])
+        kwargs = dict(directions=options.directions, caption_chunk=options.caption_chunk)
+        if per_device:
+            return per_device_mean(lambda s, m, p: local_loss(s, m, p, local_scale, **kwargs),
+                                   mesh, data_axes, *args)
+        return local_loss(*args, local_scale, mesh=mesh, data_axes=data_axes, **kwargs)
+
+    vt_1 = clip(emb["img_global_1"])
+    vt_2 = clip(emb["img_global_2"]) if options.use_second_view_clip else zero
     vv = (nt_xent_loss(emb["simclr_1"], emb["simclr_2"], nt_xent_temperature)
           if options.use_vv else zero)
-    local = (local_loss(emb["sent"], emb["sent_mask"], emb["patch_1"], local_scale,
-                        directions=options.directions, caption_chunk=options.caption_chunk,
-                        mesh=mesh, data_axes=data_axes)
-             if options.use_local else zero)
+    local = local_term() if options.use_local else zero
     total = vt_1 + w_aux * (vv + vt_2) + w * local
     parts = {"vv": vv, "vt_1": vt_1, "vt_2": vt_2, "local": local, "w": w, "w_aux": w_aux,
              "total": total}

@@ -17,6 +17,8 @@ MODES = ("pretrain",)
 
 def main(argv) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every save at INFO
     cfg = _CONFIG.value
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
@@ -26,7 +28,7 @@ def main(argv) -> None:
         from mama_jax import train
 
         last = train.train(cfg, workdir)
-        logging.info("pretraining finished: %s", json.dumps(last))
+        print("pretraining finished:", json.dumps({k: round(v, 5) for k, v in last.items()}))
     else:
         raise app.UsageError(f"config.mode={cfg.mode!r}; known modes: {', '.join(MODES)}")
 

@@ -406,3 +406,36 @@ def test_sharded_global_losses_use_the_global_batch():
     got_parts, want_parts = fn(placed, mesh=mesh), fn(emb)
     for key in ("vv", "vt_1", "vt_2", "local", "total"):
         assert_close(got_parts[key], want_parts[key], 1e-6, 1e-5, what=f"sharded mama {key}")
+
+
+def test_per_device_negatives_average_each_slice():
+    """D3 official option: each device's CLIP / local loss uses only its own slice."""
+    from jax.sharding import NamedSharding
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(7)
+    B, d, S, Pn = 16, 8, 3, 5
+    emb = {"img_global_1": rng.normal(size=(B, d)), "img_global_2": rng.normal(size=(B, d)),
+           "txt_global": rng.normal(size=(B, d)), "simclr_1": rng.normal(size=(B, d)),
+           "simclr_2": rng.normal(size=(B, d)), "patch_1": rng.normal(size=(B, Pn, d)),
+           "sent": rng.normal(size=(B, S, d)), "sent_mask": rng.random((B, S)) < 0.8}
+    emb["sent_mask"][:, 0] = True
+    emb = {k: jax.device_put(jnp.asarray(v, jnp.bool_ if k == "sent_mask" else jnp.float32),
+                             NamedSharding(mesh, P("data")))
+           for k, v in emb.items()}
+    opts = losses.LossOptions(negatives="per_device")
+    _, parts = jax.jit(lambda e: losses.mama_loss(e, step=10, delta=0, logit_scale=1.0,
+                                                  local_scale=1.5, options=opts, mesh=mesh,
+                                                  data_axes="data"))(emb)
+    host = {k: np.asarray(v) for k, v in emb.items()}
+    slices = [slice(2 * i, 2 * i + 2) for i in range(8)]
+    want_vt = np.mean([losses.clip_loss(host["img_global_1"][s], host["txt_global"][s], 1.0)
+                       for s in slices])
+    want_local = np.mean([losses.local_loss(host["sent"][s], host["sent_mask"][s],
+                                            host["patch_1"][s], 1.5) for s in slices])
+    global_vt = losses.clip_loss(host["img_global_1"], host["txt_global"], 1.0)
+    np.testing.assert_allclose(parts["vt_1"], want_vt, rtol=1e-5)
+    np.testing.assert_allclose(parts["local"], want_local, rtol=1e-5)
+    assert abs(float(parts["vt_1"]) - float(global_vt)) > 1e-3  # really a different loss
+    np.testing.assert_allclose(parts["vv"], losses.nt_xent_loss(host["simclr_1"], host["simclr_2"]),
+                               rtol=1e-5)  # NT-Xent stays global

@@ -164,3 +164,11 @@ def test_missing_dataset_dir_names_the_field(tmp_path):
     cfg = demo.get_config("test")
     with pytest.raises(factory.ConfigError, match="config.data.dataset_dir"):
         train.train(cfg, str(tmp_path))
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mama_jax.main", "--config=configs/demo.py",
+                           f"--workdir={tmp_path}", "--config.optim.learning_rate=1e-3"],
+                          cwd=ROOT, capture_output=True, timeout=120)
+    assert proc.returncode != 0
+    assert b"learning_rate" in proc.stderr

@@ -1,0 +1,109 @@
+"""Input pipeline throughput: mama_jax.data.train_iterator examples/s by image size and threads.
+
+  python benchmarks/data_throughput.py                         # builds a synthetic dataset first
+  python benchmarks/data_throughput.py --dataset-dir OUT/tfds/mammography/embed/1.0.0
+
+Prints, per record: read + decode time alone (TFDS source[i]: ArrayRecord read, example
+parse, image decode), the train augmentation time of one view at each size and caption
++ tokenisation time; then train_iterator examples/s (one example = two augmented views +
+a tokenised caption) for each --image-sizes x --threads, after a warm-up batch.
+The synthetic dataset is built from data_prep.synthetic phantoms at --phantom-size,
+cropped and resized to a long side of 1036 (the default record size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_prep import build, synthetic  # noqa: E402
+from mama_jax import captions, data  # noqa: E402
+from mama_jax.models import tokenizer as tok_lib  # noqa: E402
+
+
+def make_dataset(work: str, patients: int, phantom_size: tuple[int, int]) -> str:
+    """Synthetic EMBED tables + DICOMs -> TFDS dataset under work; returns the version folder."""
+    raw, out = os.path.join(work, "raw"), os.path.join(work, "out")
+    t0 = time.perf_counter()
+    synthetic.generate(raw, patients=patients, seed=0, image_size=phantom_size)
+    summary = build.build("embed", raw, raw, out, workers=os.cpu_count() or 1, long_side=1036)
+    print(f"built a synthetic dataset: {summary['written']} images "
+          f"({summary['splits']}) in {time.perf_counter() - t0:.0f} s")
+    return build.dataset_dir(out, "embed")
+
+
+def tokenizer_for(source, folder: str) -> tok_lib.TextTokenizer:
+    """A tiny BPE on the split's captions, as the demo does (BioMedLM's needs the hub)."""
+    texts = [captions.build_caption(source[i], style="structured_nomask") for i in range(len(source))]
+    return tok_lib.load_tokenizer(tok_lib.build_tiny_tokenizer(folder, texts, vocab_size=1000))
+
+
+def per_record_costs(source, tok, image_sizes, n: int) -> None:
+    n = min(n, len(source))
+    t0 = time.perf_counter()
+    records = [source[i] for i in range(n)]
+    read_ms = (time.perf_counter() - t0) / n * 1e3
+    shapes = np.array([r["image"].shape for r in records])
+    print(f"read + decode: {read_ms:.1f} ms/record ({1e3 / read_ms:.0f} records/s, one thread; "
+          f"{n} records, mean image {shapes[:, 0].mean():.0f} x {shapes[:, 1].mean():.0f} uint16)")
+    rng = np.random.default_rng(0)
+    for size in image_sizes:
+        cfg = data.DataConfig(dataset_dir="", image_size=size)
+        t0 = time.perf_counter()
+        for r in records:
+            data.train_transform(r["image"], size, rng, cfg)
+        print(f"augment one view @{size}: {(time.perf_counter() - t0) / n * 1e3:.1f} ms")
+    t0 = time.perf_counter()
+    for r in records:
+        tok_lib.encode_caption(tok, captions.build_caption(r, mask_prob=0.8, rng=rng), 144)
+    print(f"caption + tokenise: {(time.perf_counter() - t0) / n * 1e3:.2f} ms")
+
+
+def iterator_rate(dataset_dir: str, tok, size: int, threads: int, batch: int, batches: int) -> float:
+    cfg = data.DataConfig(dataset_dir=dataset_dir, image_size=size, global_batch_size=batch,
+                          max_length=144, num_threads=threads, prefetch=2)
+    it = data.train_iterator(cfg, tok)
+    next(it)  # opens the source, builds the study index, starts the threads
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        b = next(it)
+    seconds = time.perf_counter() - t0
+    if b["view1"].shape != (batch, size, size, 3):
+        raise RuntimeError(f"train_iterator gave view1 {b['view1'].shape}, expected {(batch, size, size, 3)}")
+    return batches * batch / seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset-dir", help="a TFDS version folder from `python -m data_prep build`")
+    p.add_argument("--patients", type=int, default=8, help="synthetic patients (without --dataset-dir)")
+    p.add_argument("--phantom-size", type=int, nargs=2, default=(1280, 1024), metavar=("H", "W"))
+    p.add_argument("--image-sizes", type=int, nargs="+", default=(518, 112))
+    p.add_argument("--threads", type=int, nargs="+", default=(1, 2, 4))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, default=4, help="timed batches per setting")
+    p.add_argument("--records", type=int, default=32, help="records for the per-record timings")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as work:
+        dataset_dir = args.dataset_dir or make_dataset(work, args.patients, tuple(args.phantom_size))
+        source = data.open_split(dataset_dir, "train")
+        tok = tokenizer_for(source, os.path.join(work, "tokenizer"))
+        print(f"dataset: {dataset_dir} ({len(source)} train records); {os.cpu_count()} CPU cores")
+        per_record_costs(source, tok, args.image_sizes, args.records)
+        print(f"train_iterator, batch {args.batch}, {args.batches} batches after a warm-up batch:")
+        for size in args.image_sizes:
+            for threads in args.threads:
+                rate = iterator_rate(dataset_dir, tok, size, threads, args.batch, args.batches)
+                print(f"  @{size} px, {threads} thread(s): {rate:.1f} examples/s "
+                      f"({args.batch / rate * 1e3:.0f} ms per batch)")
+
+
+if __name__ == "__main__":
+    main()
