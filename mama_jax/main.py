@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -12,7 +13,16 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file", loc
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and reports go")
 flags.mark_flags_as_required(["config", "workdir"])
 
-MODES = ("pretrain",)
+# config.mode -> "module:function"; each job is run(cfg, workdir) -> dict of results.
+JOBS = {
+    "pretrain": "mama_jax.train:train",
+    "extract": "mama_jax.evaluate.extract:run",
+    "zeroshot": "mama_jax.evaluate.zeroshot:run",
+    "linear_probe": "mama_jax.evaluate.linear_probe:run",
+    "maps": "mama_jax.evaluate.maps:run",
+    "report": "mama_jax.evaluate.report:run",
+    "export": "mama_jax.export:run",
+}
 
 
 def main(argv) -> None:
@@ -23,14 +33,14 @@ def main(argv) -> None:
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, f"config_{cfg.mode}.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-    if cfg.mode == "pretrain":
-        from mama_jax import train
-
-        last = train.train(cfg, workdir)
-        print("pretraining finished:", json.dumps({k: round(v, 5) for k, v in last.items()}))
-    else:
-        raise app.UsageError(f"config.mode={cfg.mode!r}; known modes: {', '.join(MODES)}")
+        f.write(cfg.to_json_best_effort(indent=2))  # evaluation rebuilds the model from it
+    if cfg.mode not in JOBS:
+        raise app.UsageError(f"config.mode={cfg.mode!r}; known modes: {', '.join(JOBS)}")
+    module, function = JOBS[cfg.mode].split(":")
+    result = getattr(importlib.import_module(module), function)(cfg, workdir)
+    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in (result or {}).items()
+               if isinstance(v, (int, float, str))}
+    print(f"{cfg.mode} finished:", json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -35,3 +35,21 @@ def tiny_dataset(tmp_path_factory):
     build.build("embed", str(root / "raw"), str(root / "raw"), str(root / "out"), workers=1,
                 long_side=128)
     return build.dataset_dir(str(root / "out"), "embed")
+
+
+@pytest.fixture(scope="session")
+def pretrained_workdir(tiny_dataset, tmp_path_factory):
+    """A 3-step demo:test pretraining run (tiny towers, 56 px) on tiny_dataset: its workdir."""
+    import json
+
+    from configs import demo
+    from mama_jax import train
+
+    cfg = demo.get_config("test")
+    cfg.data.dataset_dir = tiny_dataset
+    cfg.train.steps = 3
+    workdir = str(tmp_path_factory.mktemp("pretrained"))
+    with open(os.path.join(workdir, "config_pretrain.json"), "w") as f:
+        json.dump(json.loads(cfg.to_json_best_effort()), f)
+    train.train(cfg, workdir)
+    return workdir
