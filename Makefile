@@ -39,6 +39,13 @@ demo: $(VENV)/.core
 	$(PY) -m data_prep build --dataset embed --tables $(WORK)/synthetic --images $(WORK)/synthetic --out $(WORK)/dataset
 	$(PY) -m mama_jax.main --config=configs/demo.py --workdir=$(WORK)/demo --config.data.dataset_dir=$(DATASET)
 	$(PY) -m mama_jax.report_losses $(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/zeroshot.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/extract.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/linear_probe.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/maps.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/report.py --workdir=$(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/export.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
+	@echo "Report: $(WORK)/demo/report.md   Exported model: $(WORK)/demo/export"
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

@@ -39,13 +39,11 @@ from configs import demo, pretrain  # noqa: E402
 from mama_jax import factory, sharding, train  # noqa: E402
 from mama_jax.models import text as text_lib, tokenizer as tok_lib  # noqa: E402
 
-# Dense bf16 peak FLOP/s per chip; first substring of device_kind that matches wins.
-PEAK_BF16 = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-             ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("TPU v5", 459e12))
-CORPUS = ["Screening mammogram. Left breast, CC view. Density: scattered fibroglandular; "
-          "BI-RADS 1, negative. No mass; no calcification.",
-          "Diagnostic exam; right breast MLO view. Heterogeneously dense. Irregular mass, "
-          "high density. Fine pleomorphic calcifications, segmental. BI-RADS 4."]
+# Dense bf16 peak FLOP/s per chip: (name, device_kind substrings, peak); first match wins
+# ("TPU v5 lite" is v5e's device_kind, "TPU v5" v5p's).
+PEAK_BF16 = (("H100 SXM", ("H100",), 989e12), ("H200", ("H200",), 989e12), ("A100", ("A100",), 312e12),
+             ("TPU v5e", ("v5 lite", "v5e"), 197e12), ("TPU v5p", ("v5p", "TPU v5"), 459e12))
+CORPUS = ["Screening mammogram. Left breast, CC view. Scattered fibroglandular density; BI-RADS 1."]
 
 
 def si(x: float) -> str:
@@ -57,7 +55,8 @@ def si(x: float) -> str:
 
 
 def peak_flops(device_kind: str) -> float | None:
-    return next((p for name, p in PEAK_BF16 if name.lower() in device_kind.lower()), None)
+    kind = device_kind.lower()
+    return next((peak for _, keys, peak in PEAK_BF16 if any(k.lower() in kind for k in keys)), None)
 
 
 @contextlib.contextmanager
@@ -157,8 +156,12 @@ def measure(cfg, tok, args, batch: int) -> dict:
     return dict(flops, batch=batch, build_s=build_s, first_s=first_s, step_s=step_s, loss=loss)
 
 
-def is_oom(err: Exception) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+def print_flops(r: dict, tok) -> None:
+    parts = ", ".join(f"{k} {si(r[k])}FLOP" for k in ("vit", "lm", "heads", "local_loss"))
+    print(f"model FLOPs per sample at batch {r['batch']}: {si(r['total'])}FLOP ({parts})")
+    print(f"params: vit {si(r['vit_params'])}, LM {si(r['lm_params'])}, LoRA "
+          f"{si(r['lora_params'])} (the LM's wte has the tiny tokenizer's {tok.base_vocab_size} "
+          f"rows, not BioMedLM's 28,896: memory only, a lookup costs no FLOPs)")
 
 
 def main() -> None:
@@ -173,6 +176,8 @@ def main() -> None:
                    "accelerator while it fits, 2 on CPU")
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3, help="timed steps after the compile step")
+    p.add_argument("--flops-only", action="store_true", help="count model FLOPs on an abstract "
+                   "model (no memory, no run) and project samples/s at 40%% MFU per device in the table")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU (overrides the table)")
     args = p.parse_args()
 
@@ -189,6 +194,16 @@ def main() -> None:
           f"{f' ({args.text_layers} layers)' if args.text_layers else ''}, {cfg.data.max_length} "
           f"tokens, {m.dtype} compute, {m.text_param_dtype} LM base, scan={m.scan_layers} remat={m.remat}")
 
+    if args.flops_only:
+        with text_layers(args.text_layers):
+            model = nnx.eval_shape(lambda: factory.model(cfg, tok))
+        batch = args.batch or cfg.data.global_batch_size
+        r = dict(flops_per_sample(model, cfg.data.image_size, cfg.data.max_length, batch), batch=batch)
+        print_flops(r, tok)
+        for name, _, chip_peak in PEAK_BF16:
+            print(f"  projection (not a measurement) at 40% MFU on {name}: "
+                  f"{0.4 * chip_peak / r['total']:.0f} samples/s per chip")
+        return
     if args.batch:
         sizes = [args.batch]
     elif jax.default_backend() == "cpu":
@@ -200,21 +215,18 @@ def main() -> None:
         try:
             r = measure(cfg, tok, args, batch)
         except Exception as err:  # noqa: BLE001 (jax raises XlaRuntimeError / ValueError for OOM)
-            if best is None or not is_oom(err):
+            if best is None or "RESOURCE_EXHAUSTED" not in str(err):
                 raise
             print(f"batch {batch}: out of memory, keeping batch {best['batch']}")
             break
         achieved = r["total"] * batch / r["step_s"] / n_dev
         mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (pass --peak-flops)"
-        print(f"batch {batch}: {batch / r['step_s']:.2f} samples/s, step {r['step_s'] * 1e3:.0f} ms "
+        print(f"batch {batch}: {batch / r['step_s']:.3g} samples/s, step {r['step_s'] * 1e3:.0f} ms "
               f"(compile+first {r['first_s']:.1f} s, build {r['build_s']:.1f} s), "
               f"{si(achieved)}FLOP/s/device, MFU {mfu}, loss {r['loss']:.3f}")
         best = r
-    parts = ", ".join(f"{k} {si(best[k])}" for k in ("vit", "lm", "heads", "local_loss"))
-    print(f"model FLOPs per sample at batch {best['batch']}: {si(best['total'])}({parts})")
-    print(f"params: vit {si(best['vit_params'])}, LM {si(best['lm_params'])}, LoRA "
-          f"{si(best['lora_params'])}(the LM's wte has the tiny tokenizer's {tok.base_vocab_size} "
-          f"rows, not BioMedLM's 28,896: memory only, a lookup costs no FLOPs)")
+    print_flops(best, tok)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,442 @@
+"""One Markdown report of whatever evaluation results a workdir holds.
+
+Reads (each optional; a missing one is reported as "not run"):
+  zeroshot.json + zeroshot_<task>_<split>.npz  (zeroshot job; the npz gives ROC curves)
+  linear_probe.json                           (linear_probe job)
+  maps/maps.json                              (maps job)
+  metrics.jsonl                               (pretraining losses: the workdir's own, else
+                                               config.pretrain_workdir's, else that of the
+                                               pretraining run named in a config_<job>.json)
+Writes WORKDIR/report.md and its figures under WORKDIR/report/. Tables follow the
+paper's layout (Tables 1-3): bACC / AUC in %, 95 % bootstrap intervals in brackets.
+
+  python -m mama_jax.main --config=configs/report.py --workdir=runs/eval
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mama_jax import captions  # noqa: E402
+
+REPORT_MD = "report.md"
+FIG_DIR = "report"
+NOT_RUN = "not run"
+METHOD = "MaMA (this run)"
+LP_FRACTIONS = (1, 10, 100)  # % of the training data (paper Tables 1-2)
+TASK_TITLES = {"birads": "EMBED BI-RADS (7 classes)", "density": "EMBED density (4 classes)",
+               "cancer": "Cancer (2 classes)"}
+# The paper's MaMA rows (spec/reference_behaviour.md §6; EMBED at 518 px, RSNA for cancer):
+# (bACC, AUC) for ZS, LP 1 %, LP 10 %, LP 100 %.
+PAPER_MAMA = {
+    "birads": ((31.04, 74.83), (28.46, 70.63), (35.12, 75.98), (39.75, 77.50)),
+    "density": ((75.40, 93.46), (76.26, 93.11), (78.11, 93.62), (78.09, 93.65)),
+    "cancer": ((60.84, 63.55), None, None, (67.50, 73.99)),
+}
+LOSS_TERMS = ("total", "vt_1", "vt_2", "vv", "local")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _load_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def _tasks(result: dict | None) -> dict:
+    """{task: entry} of a zero-shot or linear-probe result (under "tasks", or top level)."""
+    if not isinstance(result, dict):
+        return {}
+    tasks = result.get("tasks", result)
+    return {k: v for k, v in tasks.items() if k in captions.TASKS and isinstance(v, dict)}
+
+
+def _block(entry) -> tuple[dict, dict]:
+    """(metrics, ci) of one result entry: {"metrics": {...}, "ci": {...}} (zero-shot) or
+    bare metrics holding "ci95" (linear probe)."""
+    if not isinstance(entry, dict):
+        return {}, {}
+    metrics = entry.get("metrics", entry)
+    ci = entry.get("ci") or metrics.get("ci") or metrics.get("ci95") or {}
+    return (metrics if isinstance(metrics, dict) else {}), (ci if isinstance(ci, dict) else {})
+
+
+def _fraction_percent(key) -> float | None:
+    """A training-data share as a percentage: "1%" -> 1; fractions up to 1 ("0.01", 0.1,
+    "frac_0.1", "1.0") -> 1, 10, 10, 100; larger numbers are percentages ("10" -> 10).
+    None if unreadable."""
+    text = str(key).strip().rstrip("%").split("_")[-1]
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value * 100 if value <= 1 and not str(key).strip().endswith("%") else value
+
+
+def _lp_fractions(task_entry: dict) -> dict:
+    """{percent: per-fraction entry} of one linear-probe task."""
+    fractions = task_entry.get("fractions", task_entry)
+    out = {}
+    for key, entry in fractions.items():
+        pct = _fraction_percent(key)
+        if pct is not None and isinstance(entry, dict):
+            out[round(pct, 6)] = entry
+    return out
+
+
+def _lp_split(entry: dict, splits=("test",)) -> dict | None:
+    """The metrics of the first evaluation split present in a linear-probe fraction
+    (its "eval" dict: test, and test_subset where the dataset flags the paper's subset)."""
+    for split in splits:
+        for holder in (entry.get("eval"), entry.get("splits"), entry):
+            if isinstance(holder, dict) and isinstance(holder.get(split), dict):
+                return holder[split]
+    return None
+
+
+SUBSET_SPLITS = ("test_subset", "balanced_test")
+
+
+def find_metrics_jsonl(workdir: str, pretrain_workdir: str = "") -> str | None:
+    candidates = [workdir, pretrain_workdir]
+    for path in sorted(glob.glob(os.path.join(workdir, "config_*.json"))):
+        try:
+            with open(path) as f:
+                candidates.append(json.load(f).get("pretrain_workdir", ""))
+        except (OSError, ValueError, AttributeError):
+            continue  # a config we cannot read just gives no hint
+    for folder in candidates:
+        if folder and os.path.isfile(os.path.join(folder, "metrics.jsonl")):
+            return os.path.join(folder, "metrics.jsonl")
+    return None
+
+
+def read_metrics_jsonl(path: str) -> dict[int, dict]:
+    """{step: values}; a resumed run's later line for a step wins."""
+    rows = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows[int(row.pop("step"))] = row
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"{path} line {n}: not a metrics row ({err})") from err
+    return rows
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def pct(x) -> str:
+    return f"{100 * x:.2f}" if _finite(x) else "n/a"
+
+
+def with_ci(value, ci) -> str:
+    text = pct(value)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_finite(c) for c in ci):
+        text += f" [{pct(ci[0])}, {pct(ci[1])}]"
+    return text
+
+
+def bacc_auc(entry) -> str:
+    """"bACC [CI] / AUC [CI]" of a result entry, or NOT_RUN."""
+    metrics, ci = _block(entry)
+    if not metrics:
+        return NOT_RUN
+    return (f"{with_ci(metrics.get('balanced_accuracy'), ci.get('balanced_accuracy'))} / "
+            f"{with_ci(metrics.get('auc'), ci.get('auc'))}")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# ----------------------------------------------------------------------------- figures
+
+def confusion_png(confusion, class_names, path: str, title: str) -> str:
+    cm = np.asarray(confusion, np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"{title}: confusion matrix must be square, got shape {cm.shape}")
+    names = list(class_names) if class_names and len(class_names) == len(cm) else \
+        [str(i) for i in range(len(cm))]
+    recall = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = 2.5 + 0.6 * len(cm)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(cm)):
+        for j in range(len(cm)):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+                    color="white" if recall[i, j] > 0.5 else "black", fontsize=8)
+    short = [n if len(n) <= 18 else n[:16] + "…" for n in names]
+    ax.set_xticks(range(len(cm)), short, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(cm)), short, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="row fraction (recall)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def roc_png(labels, probs, class_names, path: str, title: str) -> str | None:
+    """ROC curves (binary: class 1; else one-vs-rest per present class); None if undefined."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    if probs.ndim != 2 or len(labels) != len(probs):
+        raise ValueError(f"{title}: probs {probs.shape} do not match labels {labels.shape}")
+    keep = labels >= 0
+    labels, probs = labels[keep], probs[keep]
+    classes = [1] if probs.shape[1] == 2 else list(range(probs.shape[1]))
+    curves = [c for c in classes if 0 < (labels == c).sum() < len(labels)]
+    if not curves:
+        return None
+    names = list(class_names) if class_names else [str(c) for c in range(probs.shape[1])]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for c in curves:
+        fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
+        auc = roc_auc_score(labels == c, probs[:, c])
+        ax.plot(fpr, tpr, label=f"{names[c][:24]} (AUC {100 * auc:.1f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loss_png(rows: dict[int, dict], path: str) -> str | None:
+    steps = sorted(rows)
+    terms = [t for t in LOSS_TERMS if any(t in rows[s] for s in steps)]
+    if not terms:
+        return None
+    scales = [t for t in ("logit_scale", "local_scale") if any(t in rows[s] for s in steps)]
+    fig, axes = plt.subplots(1, 2 if scales else 1, figsize=(10 if scales else 5.5, 4), squeeze=False)
+    for t in terms:
+        xs = [s for s in steps if _finite(rows[s].get(t))]
+        axes[0, 0].plot(xs, [rows[s][t] for s in xs], label=t)
+    axes[0, 0].set_xlabel("step")
+    axes[0, 0].set_ylabel("loss")
+    axes[0, 0].set_title("pretraining losses")
+    axes[0, 0].legend(fontsize=8)
+    for t in scales:  # logged as log-temperatures; the similarity multiplier is exp()
+        xs = [s for s in steps if _finite(rows[s].get(t))]
+        axes[0, 1].plot(xs, [math.exp(rows[s][t]) for s in xs], label=f"exp({t})")
+    if scales:
+        axes[0, 1].set_xlabel("step")
+        axes[0, 1].set_title("learned scales")
+        axes[0, 1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- sections
+
+def _rel(path: str, workdir: str) -> str:
+    path = os.path.abspath(path)
+    return os.path.relpath(path, workdir) if path.startswith(os.path.abspath(workdir) + os.sep) else path
+
+
+def _results_tables(zs: dict, lp: dict) -> list[str]:
+    out = ["## Results", "",
+           "bACC / AUC in %, 95 % bootstrap intervals in brackets. LP = linear probe on "
+           "that share of the training data, evaluated on the test split. MaMA (paper): "
+           "arXiv 2409.18119v2 on full EMBED (RSNA for cancer) at 518 px, a reference point "
+           "that a small run is not expected to reach.", ""]
+    for task in captions.TASKS:
+        if task not in zs and task not in lp:
+            continue
+        fractions = _lp_fractions(lp.get(task, {}))
+        row = [METHOD, bacc_auc(zs[task]) if task in zs else NOT_RUN]
+        for f in LP_FRACTIONS:
+            entry = _lp_split(fractions[f]) if f in fractions else None
+            row.append(bacc_auc(entry) if entry else NOT_RUN)
+        rows = [row]
+        if task in PAPER_MAMA:
+            rows.append(["MaMA (paper)"] + [f"{c[0]:.2f} / {c[1]:.2f}" if c else "-"
+                                            for c in PAPER_MAMA[task]])
+        header = ["Method", "ZS"] + [f"LP {f}%" for f in LP_FRACTIONS]
+        out += [f"### {TASK_TITLES[task]}", ""] + _table(header, rows) + [""]
+        extra = sorted(set(fractions) - set(LP_FRACTIONS))
+        subset = [(f, _lp_split(fractions[f], SUBSET_SPLITS)) for f in sorted(fractions)]
+        if extra or any(b for _, b in subset):
+            rows = [[f"{f:g}%", bacc_auc(_lp_split(fractions[f])), bacc_auc(b) if b else NOT_RUN]
+                    for f, b in subset]
+            out += ["Linear probe, every fraction (test subset: the paper's class-stratified "
+                    "test subset where the dataset flags one):", ""] + _table(
+                ["Train data", "test", "test subset"], rows) + [""]
+        notes = [f"- LP {f:g}%: {w}" for f in sorted(fractions)
+                 for w in fractions[f].get("warnings") or []]
+        if notes:
+            out += ["Linear-probe warnings:", ""] + notes + [""]
+        if task == "cancer":
+            out += _binary_rows(zs.get(task), fractions.get(100.0))
+    return out
+
+
+def _binary_rows(zs_entry, lp_entry) -> list[str]:
+    rows = []
+    for name, entry in (("ZS", zs_entry), ("LP 100%", _lp_split(lp_entry) if lp_entry else None)):
+        metrics, _ = _block(entry)
+        rows.append([name] + [pct(metrics.get(k)) if metrics else NOT_RUN
+                              for k in ("sensitivity", "specificity", "ppv", "npv", "f1")])
+    return ["Cancer at the argmax threshold:", ""] + _table(
+        ["Setting", "SEN", "SPE", "PPV", "NPV", "F1"], rows) + [""]
+
+
+def _per_class(zs: dict, lp: dict) -> list[str]:
+    out = []
+    for task in captions.TASKS:
+        settings = [("ZS", zs.get(task))]
+        fractions = _lp_fractions(lp.get(task, {}))
+        if 100.0 in fractions:
+            settings.append(("LP 100%", _lp_split(fractions[100.0])))
+        settings = [(n, _block(e)[0]) for n, e in settings if _block(e)[0]]
+        if not settings:
+            continue
+        names = list(captions.CLASS_NAMES[task])
+        rows = []
+        for c, cname in enumerate(names):
+            row = [f"{c}: {cname}"]
+            for _, m in settings:
+                recall, support = m.get("per_class_recall") or [], m.get("support") or []
+                row.append(pct(recall[c]) if c < len(recall) else "n/a")
+                row.append(str(support[c]) if c < len(support) else "n/a")
+            rows.append(row)
+        header = ["Class"] + [h for n, _ in settings for h in (f"{n} recall", f"{n} n")]
+        out += [f"### Per-class recall: {TASK_TITLES[task]}", ""] + _table(header, rows) + [""]
+    return out
+
+
+def _figures(zs_json: dict | None, zs: dict, lp: dict, workdir: str, fig_dir: str) -> list[str]:
+    out, split = [], (zs_json or {}).get("split", "test")
+    aggregate = (zs_json or {}).get("aggregate", "image")
+    for task in captions.TASKS:
+        names = list(captions.CLASS_NAMES[task])
+        sources = [("zeroshot", "zero-shot", zs.get(task))]
+        fractions = _lp_fractions(lp.get(task, {}))
+        for f in sorted(fractions):
+            sources.append((f"lp{f:g}", f"linear probe {f:g}%", _lp_split(fractions[f])))
+        for key, label, entry in sources:
+            metrics, _ = _block(entry)
+            if metrics.get("confusion"):
+                path = confusion_png(metrics["confusion"], metrics.get("class_names") or names,
+                                     os.path.join(fig_dir, f"confusion_{task}_{key}.png"),
+                                     f"{task} {label}: confusion (n={metrics.get('n', '?')})")
+                out.append(f"![{task} {label} confusion]({_rel(path, workdir)})")
+        npz = os.path.join(workdir, f"zeroshot_{task}_{split}.npz")
+        if task in zs and os.path.isfile(npz):
+            with np.load(npz) as z:
+                if "probs" in z.files and "label" in z.files:
+                    path = roc_png(z["label"], z["probs"], names,
+                                   os.path.join(fig_dir, f"roc_{task}_zeroshot.png"),
+                                   f"{task} zero-shot ROC (per image; table: {aggregate})")
+                    if path:
+                        out.append(f"![{task} zero-shot ROC]({_rel(path, workdir)})")
+        elif task in zs:
+            out.append(f"(no ROC for {task} zero-shot: per-image probabilities "
+                       f"zeroshot_{task}_{split}.npz not found)")
+    return (["## Figures", ""] + [line + "\n" for line in out]) if out else []
+
+
+def _maps_section(maps_json: dict | None, workdir: str) -> list[str]:
+    out = ["## Sentence-to-patch similarity maps (Fig. 3)", ""]
+    if not maps_json:
+        return out + [f"Similarity maps: {NOT_RUN} (no maps/maps.json).", ""]
+    out.append("Cosine between the sentence's local text embedding and each patch's local "
+               "image embedding, upsampled and normalised to [0, 1] per map (jet: red = most "
+               f"similar). Checkpoint step {maps_json.get('checkpoint_step', '?')}, "
+               f"split {maps_json.get('split', '?')}.")
+    out.append("")
+    for m in maps_json.get("maps", []):
+        lo, hi = m.get("min"), m.get("max")
+        rng = f"cosine {lo:.3f}..{hi:.3f}" if _finite(lo) and _finite(hi) else ""
+        out.append(f"**{m.get('image_id', '?')}**: \"{m.get('sentence', '')}\" {rng}\n")
+        if m.get("png"):
+            out.append(f"![{m.get('query', 'map')}]({_rel(m['png'], workdir)})\n")
+    for s in maps_json.get("skipped", []):
+        out.append(f"- skipped {s.get('image_id', '?')} / {s.get('query', '?')}: {s.get('reason', '')}")
+    return out + [""]
+
+
+# ----------------------------------------------------------------------------- job
+
+def run(cfg, workdir: str) -> dict:
+    """Write WORKDIR/report.md (+ figures in WORKDIR/report/) from the results present."""
+    workdir = os.path.abspath(workdir)
+    fig_dir = os.path.join(workdir, FIG_DIR)
+    os.makedirs(fig_dir, exist_ok=True)
+    zs_json = _load_json(os.path.join(workdir, "zeroshot.json"))
+    lp_json = _load_json(os.path.join(workdir, "linear_probe.json"))
+    maps_json = _load_json(os.path.join(workdir, "maps", "maps.json"))
+    metrics_path = find_metrics_jsonl(workdir, cfg.get("pretrain_workdir", ""))
+    zs, lp = _tasks(zs_json), _tasks(lp_json)
+
+    lines = [f"# {cfg.get('title', '') or 'MaMA evaluation report'}", "", "## Inputs", ""]
+    for name, present, what in (
+            ("zeroshot.json", zs_json is not None, f"tasks {', '.join(zs) or 'none'}"),
+            ("linear_probe.json", lp_json is not None, f"tasks {', '.join(lp) or 'none'}"),
+            ("maps/maps.json", maps_json is not None,
+             f"{len((maps_json or {}).get('maps', []))} maps"),
+            ("metrics.jsonl (pretraining)", metrics_path is not None, metrics_path or "")):
+        lines.append(f"- {name}: {what if present else NOT_RUN}")
+    for key, label in (("step", "zero-shot checkpoint step"), ("prefix", "zero-shot prompt prefix"),
+                       ("aggregate", "zero-shot aggregation"), ("split", "zero-shot split")):
+        if isinstance(zs_json, dict) and key in zs_json:
+            lines.append(f"- {label}: {zs_json[key]}")
+    lines.append("")
+
+    if zs or lp:
+        lines += _results_tables(zs, lp) + _per_class(zs, lp)
+    else:
+        lines += ["## Results", "", f"Zero-shot: {NOT_RUN}. Linear probe: {NOT_RUN}.", ""]
+    lines += _figures(zs_json, zs, lp, workdir, fig_dir)
+
+    lines += ["## Pretraining losses", ""]
+    loss_path = None
+    if metrics_path:
+        rows = read_metrics_jsonl(metrics_path)
+        loss_path = loss_png(rows, os.path.join(fig_dir, "losses.png")) if rows else None
+        if loss_path:
+            last = rows[max(rows)]
+            terms = ", ".join(f"{t} {last[t]:.4f}" for t in LOSS_TERMS if _finite(last.get(t)))
+            lines += [f"![pretraining losses]({_rel(loss_path, workdir)})", "",
+                      f"Step {max(rows)}: {terms}.", ""]
+    if not loss_path:
+        lines += [f"Loss curves: {NOT_RUN} (no metrics.jsonl with loss terms found).", ""]
+    lines += _maps_section(maps_json, workdir)
+
+    path = os.path.join(workdir, REPORT_MD)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    figures = sorted(glob.glob(os.path.join(fig_dir, "*.png")))
+    return {"report": path, "zeroshot_tasks": len(zs), "linear_probe_tasks": len(lp),
+            "maps": len((maps_json or {}).get("maps", [])), "loss_curves": int(loss_path is not None),
+            "figures": len(figures)}
