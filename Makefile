@@ -26,7 +26,7 @@ $(VENV)/.core: pyproject.toml requirements.lock
 
 $(VENV)/.test: $(VENV)/.core
 	$(PY) -m pip install -q -c requirements.lock -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import torch, pytest, pydicom_data"
+	$(PY) -c "import torch, pytest; from pydicom.data import get_testdata_file as f; assert f('RG1_J2KR.dcm', download=False), 'pydicom-data missing'"
 	touch $@
 
 install: $(VENV)/.core
