@@ -20,13 +20,10 @@ import json
 import math
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mama_jax import captions  # noqa: E402
+from mama_jax import captions
+from mama_jax.evaluate.figures import LOSS_TERMS, confusion_png, loss_png, roc_png
 
 REPORT_MD = "report.md"
 FIG_DIR = "report"
@@ -42,7 +39,6 @@ PAPER_MAMA = {
     "density": ((75.40, 93.46), (76.26, 93.11), (78.11, 93.62), (78.09, 93.65)),
     "cancer": ((60.84, 63.55), None, None, (67.50, 73.99)),
 }
-LOSS_TERMS = ("total", "vt_1", "vt_2", "vv", "local")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -172,92 +168,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- figures
-
-def confusion_png(confusion, class_names, path: str, title: str) -> str:
-    cm = np.asarray(confusion, np.float64)
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"{title}: confusion matrix must be square, got shape {cm.shape}")
-    names = list(class_names) if class_names and len(class_names) == len(cm) else \
-        [str(i) for i in range(len(cm))]
-    recall = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    size = 2.5 + 0.6 * len(cm)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(cm)):
-        for j in range(len(cm)):
-            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
-                    color="white" if recall[i, j] > 0.5 else "black", fontsize=8)
-    short = [n if len(n) <= 18 else n[:16] + "…" for n in names]
-    ax.set_xticks(range(len(cm)), short, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(cm)), short, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="row fraction (recall)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def roc_png(labels, probs, class_names, path: str, title: str) -> str | None:
-    """ROC curves (binary: class 1; else one-vs-rest per present class); None if undefined."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
-    if probs.ndim != 2 or len(labels) != len(probs):
-        raise ValueError(f"{title}: probs {probs.shape} do not match labels {labels.shape}")
-    keep = labels >= 0
-    labels, probs = labels[keep], probs[keep]
-    classes = [1] if probs.shape[1] == 2 else list(range(probs.shape[1]))
-    curves = [c for c in classes if 0 < (labels == c).sum() < len(labels)]
-    if not curves:
-        return None
-    names = list(class_names) if class_names else [str(c) for c in range(probs.shape[1])]
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    for c in curves:
-        fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
-        auc = roc_auc_score(labels == c, probs[:, c])
-        ax.plot(fpr, tpr, label=f"{names[c][:24]} (AUC {100 * auc:.1f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def loss_png(rows: dict[int, dict], path: str) -> str | None:
-    steps = sorted(rows)
-    terms = [t for t in LOSS_TERMS if any(t in rows[s] for s in steps)]
-    if not terms:
-        return None
-    scales = [t for t in ("logit_scale", "local_scale") if any(t in rows[s] for s in steps)]
-    fig, axes = plt.subplots(1, 2 if scales else 1, figsize=(10 if scales else 5.5, 4), squeeze=False)
-    for t in terms:
-        xs = [s for s in steps if _finite(rows[s].get(t))]
-        axes[0, 0].plot(xs, [rows[s][t] for s in xs], label=t)
-    axes[0, 0].set_xlabel("step")
-    axes[0, 0].set_ylabel("loss")
-    axes[0, 0].set_title("pretraining losses")
-    axes[0, 0].legend(fontsize=8)
-    for t in scales:  # logged as log-temperatures; the similarity multiplier is exp()
-        xs = [s for s in steps if _finite(rows[s].get(t))]
-        axes[0, 1].plot(xs, [math.exp(rows[s][t]) for s in xs], label=f"exp({t})")
-    if scales:
-        axes[0, 1].set_xlabel("step")
-        axes[0, 1].set_title("learned scales")
-        axes[0, 1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------- sections
 
 def _rel(path: str, workdir: str) -> str:
     path = os.path.abspath(path)
