@@ -35,11 +35,20 @@ class MetricsWriter:
             self.tb.close()
 
 
+def read_metrics_file(path: str) -> dict[int, dict]:
+    """A metrics.jsonl as {step: values}; a resumed run's later line for a step wins."""
+    rows = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows[int(row.pop("step"))] = row
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"{path} line {n}: not a metrics row ({err})") from err
+    return rows
+
+
 def read_metrics(workdir: str) -> dict[int, dict]:
-    """metrics.jsonl as {step: values}; a resumed run's later line for a step wins."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            out[row.pop("step")] = row
-    return out
+    return read_metrics_file(os.path.join(workdir, "metrics.jsonl"))

@@ -5,23 +5,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mama_jax import augment
+from mama_jax import augment, data
 
 S = 56
 
 
-@dataclasses.dataclass(frozen=True)
-class Aug:
-    """The augmentation fields of DataConfig (augment only reads these)."""
-    crop_scale: tuple = (0.1, 1.0)
-    crop_ratio: tuple = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    vflip: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.8
-    contrast: float = 0.8
-    blur_prob: float = 0.4
-    blur_sigma: tuple = (0.1, 2.0)
+def Aug(**overrides):
+    """The pipeline's own config; augment only reads its augmentation fields."""
+    return data.DataConfig(dataset_dir="", **overrides)
 
 
 # Full canvas, no randomness left: train must reduce to the eval geometry.

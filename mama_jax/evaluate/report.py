@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from mama_jax import captions
+from mama_jax import metrics as metrics_file
 from mama_jax.evaluate.figures import LOSS_TERMS, confusion_png, loss_png, roc_png
 
 REPORT_MD = "report.md"
@@ -121,19 +122,7 @@ def find_metrics_jsonl(workdir: str, pretrain_workdir: str = "") -> str | None:
     return None
 
 
-def read_metrics_jsonl(path: str) -> dict[int, dict]:
-    """{step: values}; a resumed run's later line for a step wins."""
-    rows = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows[int(row.pop("step"))] = row
-            except (ValueError, KeyError) as err:
-                raise ValueError(f"{path} line {n}: not a metrics row ({err})") from err
-    return rows
+read_metrics_jsonl = metrics_file.read_metrics_file
 
 
 # ----------------------------------------------------------------------------- formatting
