@@ -89,7 +89,20 @@ def base_config() -> ml_collections.ConfigDict:
         steps=40000, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
     ))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # devices: data x fsdp, -1 = the rest
+
+    # Multi-process runs (docs/scaling.md). "auto" starts jax.distributed under
+    # SLURM, Open MPI, a TPU pod slice or JAX_COORDINATOR_ADDRESS, or when a
+    # coordinator / process count is given; fields left empty are detected.
+    c.distributed = ml_collections.ConfigDict(dict(
+        enabled="auto",               # auto | on | off
+        coordinator_address="",       # host:port of process 0
+        num_processes=0,              # 0 = detect
+        process_id=-1,                # -1 = detect
+        local_device_ids="",          # e.g. "0,1,2,3"; "" = all of this host's devices
+        initialization_timeout=300,   # s to wait for every process to connect
+        heartbeat_timeout=100,        # s without a heartbeat before a process counts as dead
+    ))
     return c
 
 

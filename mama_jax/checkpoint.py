@@ -8,7 +8,10 @@ one mesh restores onto another.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import re
 
 import grain
 import jax
@@ -25,8 +28,18 @@ def abstract_like(tree, shardings):
                         tree, shardings)
 
 
+def _plain_saves_on_cpu() -> None:
+    """Orbax splits each replicated array's write over its replicas (off by default on
+    GPU); on CPU devices that costs far more than it saves: 13.8 s against 0.8 s for
+    the tiny demo state on 8 CPU devices."""
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        _plain_saves_on_cpu()
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -47,7 +60,8 @@ class Checkpointer:
         items = dict(params=ocp.args.StandardRestore(params))
         if opt_state is not None:
             items["opt"] = ocp.args.StandardRestore(opt_state)
-        if data_iterator is not None:
+        same_hosts = data_iterator is not None and os.path.exists(self._data_file(step))
+        if same_hosts:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -55,7 +69,34 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"{self.directory}/{step}: does not match this model / optimiser "
                 f"(another model size or config?): {err}") from err
+        if data_iterator is not None and not same_hosts:
+            data_iterator.set_state(self._data_state_for_this_host_count(step))
         return out["params"], out.get("opt")
+
+    def _data_file(self, step: int, index: int | None = None, count: int | None = None) -> str:
+        index = jax.process_index() if index is None else index
+        count = jax.process_count() if count is None else count
+        return os.path.join(self.directory, str(step), "data",
+                            f"process_{index}-of-{count}.json")
+
+    def _data_state_for_this_host_count(self, step: int) -> dict:
+        """The input position of a checkpoint written by another number of hosts.
+
+        Hosts step in lockstep over blocks of one global stream (data.HostBlock), so
+        a host's position times the host count is the global position.
+        """
+        files = glob.glob(os.path.join(self.directory, str(step), "data", "process_0-of-*.json"))
+        if not files:
+            raise CheckpointMismatchError(
+                f"{self.directory}/{step}: no input-pipeline state (data/process_0-of-N.json)")
+        old_count = int(re.search(r"-of-(\d+)\.json$", files[0]).group(1))
+        with open(files[0]) as f:
+            state = json.load(f)
+        consumed = state["next_index"] * old_count
+        if consumed % jax.process_count():
+            raise CheckpointMismatchError(
+                f"{files[0]}: position {consumed} does not split over {jax.process_count()} hosts")
+        return dict(state, next_index=consumed // jax.process_count())
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

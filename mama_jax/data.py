@@ -1,8 +1,9 @@
 """Grain input pipeline: second view, augmentation, captions, batches (index: study_index.py).
 
 Train chain (spec jax_stack.md §4): record indices -> global shuffle (reshuffled every
-epoch) -> repeat -> random_map(make example) -> per-host slice [p::P] -> threaded
-prefetch of examples -> batch. The random map sits before the host slice so each
+epoch) -> repeat -> random_map(make example) -> this host's block of each global batch
+(HostBlock) -> threaded prefetch of examples -> batch. The random map sits before the
+host split so each
 example's rng is keyed by its global position: the same seed gives the same examples
 whatever the host count, and no two hosts ever share an rng stream. Batching after the
 prefetch lets all threads work on one batch (batching first would give each thread a
@@ -217,6 +218,33 @@ def _batched_iterator(ds: grain.MapDataset, cfg: DataConfig, batch_size: int,
     return iter(ds.to_iter_dataset(options).batch(batch_size, drop_remainder=drop_remainder))
 
 
+class HostBlock(grain.MapDataset):
+    """This host's block of every global batch of a stream.
+
+    Global batch k is stream elements [kB, (k+1)B); host p of P takes the
+    contiguous block [kB + pb, kB + (p+1)b) with b = B / P. The global batch that
+    jax assembles from the hosts' pieces (process order) is then the same,
+    row for row, whatever the number of hosts: losses, dropout masks and the
+    data position do not depend on the topology.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        self._global, self._local = global_batch, global_batch // process_count
+        self._offset = process_index * self._local
+        self._length = len(parent) // global_batch * self._local
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local)
+        return self._parent[batch * self._global + self._offset + row]
+
+
 def train_dataset(cfg: DataConfig, tokenizer: TextTokenizer, *, process_index: int = 0,
                   process_count: int = 1, source: Sequence | None = None) -> grain.MapDataset:
     """This host's endless stream of train examples (unbatched MapDataset)."""
@@ -230,7 +258,7 @@ def train_dataset(cfg: DataConfig, tokenizer: TextTokenizer, *, process_index: i
           .shuffle()
           .repeat()
           .random_map(maker))
-    return ds[process_index::process_count]
+    return HostBlock(ds, cfg.global_batch_size, process_index, process_count)
 
 
 def train_iterator(cfg: DataConfig, tokenizer: TextTokenizer, *, process_index: int = 0,
@@ -240,8 +268,8 @@ def train_iterator(cfg: DataConfig, tokenizer: TextTokenizer, *, process_index: 
     Batch: view1, view2 float32 [B, S, S, 3]; input_ids, attention_mask int32 [B, L];
     truncated bool [B]; birads, density (class 0..3), cancer int32 [B] (-1 unknown);
     index int32 [B] (record index in the train split); view2_index int32 [B] (record of
-    the second view; == index for a self view). get_state()/set_state() resume exactly
-    (keep the batch size and process count fixed across a resume).
+    the second view; == index for a self view). get_state()/set_state() resume exactly;
+    see host_state_for() to resume on another number of hosts.
     """
     if cfg.global_batch_size % process_count:
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by "

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mama_jax import captions, data, losses
+from mama_jax import captions, data, losses, sharding
 from mama_jax.models import convert, mama, text, tokenizer as tok_lib, vit
 from mama_jax.models.lora import LoRAConfig
 
@@ -62,13 +62,13 @@ def tokenizer(cfg, workdir: str) -> tok_lib.TextTokenizer:
         raise ConfigError("config.model.tokenizer is not set: pass a local tokenizer folder "
                           "(e.g. the BioMedLM folder) or a hub id")
     folder = os.path.join(workdir, "tokenizer")
-    if not os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(folder, "tokenizer_config.json")):
         source = data.open_split(data_config(cfg).dataset_dir, "train")
         texts = [captions.build_caption(source[i], style="structured_nomask")
                  for i in range(len(source))]
         texts += [p for task in ("birads", "density") for p in captions.zero_shot_prompts(task, prefix="none")]
-        if jax.process_index() == 0:
-            tok_lib.build_tiny_tokenizer(folder, texts, vocab_size=1000)
+        tok_lib.build_tiny_tokenizer(folder, texts, vocab_size=1000)
+    sharding.barrier("tokenizer")  # the other processes read what process 0 wrote
     return tok_lib.load_tokenizer(folder)
 
 

@@ -10,6 +10,7 @@ is big enough to be worth it (big_vision's fsdp rule). The same code runs on
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -18,9 +19,61 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "0").split("(")[0])  # SLURM may write "4(x2)"
+    except ValueError:
+        return 0
+
+
+def multiprocess_environment() -> str:
+    """The multi-process launcher this process runs under, or "" for a single process."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if _env_int("SLURM_NTASKS") > 1 or _env_int("SLURM_STEP_NUM_TASKS") > 1:
+        return "SLURM"
+    if _env_int("OMPI_COMM_WORLD_SIZE") > 1:
+        return "Open MPI"
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return "TPU pod slice"
+    return ""
+
+
+def initialize_distributed(cfg) -> bool:
+    """Start jax.distributed for a multi-process run; call before any other JAX call.
+
+    cfg is config.distributed (see configs/pretrain.py). With enabled="auto" a
+    run initialises when an explicit coordinator or process count is given or
+    the environment is a multi-process launcher (SLURM, Open MPI, TPU pod,
+    JAX_COORDINATOR_ADDRESS); every field left at its default is then detected
+    by JAX from that environment. Returns whether it initialised.
+    """
+    if cfg is None or cfg.enabled == "off":
+        return False
+    if cfg.enabled not in ("auto", "on"):
+        raise ValueError(f"config.distributed.enabled={cfg.enabled!r}; use auto, on or off")
+    explicit = bool(cfg.coordinator_address) or cfg.num_processes > 1
+    if cfg.enabled == "auto" and not explicit and not multiprocess_environment():
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    local_ids = [int(i) for i in str(cfg.local_device_ids).split(",") if i.strip()]
+    jax.distributed.initialize(
+        coordinator_address=cfg.coordinator_address or None,
+        num_processes=cfg.num_processes if cfg.num_processes > 0 else None,
+        process_id=cfg.process_id if cfg.process_id >= 0 else None,
+        local_device_ids=local_ids or None,
+        initialization_timeout=int(cfg.initialization_timeout),
+        heartbeat_timeout_seconds=int(cfg.heartbeat_timeout))
+    return True
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     """A (data, fsdp) mesh over all devices; -1 takes what the other axis leaves."""
-    devices = list(devices if devices is not None else jax.devices())
+    # Process-major order: each host's devices form one contiguous block of the
+    # flattened mesh, which is the block of the global batch it loads.
+    devices = sorted(devices if devices is not None else jax.devices(),
+                     key=lambda d: (d.process_index, d.id))
     n = len(devices)
     if data == -1 and fsdp == -1:
         raise ValueError("mesh: at most one of data / fsdp may be -1")
@@ -76,3 +129,36 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return {k: one(v) for k, v in batch.items()}
+
+
+def local_scalars(tree: dict) -> dict:
+    """Replicated scalar outputs as Python floats, read from this process's own copy."""
+    return {k: float(np.asarray(v.addressable_data(0))) for k, v in tree.items()}
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when the flag is set on any one (e.g. SIGTERM on one host)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+_barriers: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: int = 900) -> None:
+    """Every process waits here; a no-op for one process.
+
+    Uses the distributed runtime's key-value barrier, not a device collective:
+    gloo (CPU) gives up on a collective whose peers are 30 s late, so processes
+    meet here after compiling, which can take longer on a loaded host.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the runtime client has no public handle
+
+    _barriers[name] = _barriers.get(name, 0) + 1
+    distributed.global_state.client.wait_at_barrier(f"{name}/{_barriers[name]}",
+                                                    int(timeout_s * 1000))

@@ -77,7 +77,8 @@ class Run:
             functools.partial(train_step, graphdef, tx=tx, delta=cfg.loss.delta,
                               nt_xent_temperature=cfg.loss.nt_xent_temperature,
                               options=factory.loss_options(cfg), mesh=mesh),
-            donate_argnums=(0, 1, 2), out_shardings=(trainable_sh, rest_sh, opt_sh, None))
+            donate_argnums=(0, 1, 2),
+            out_shardings=(trainable_sh, rest_sh, opt_sh, sharding.replicated(mesh)))
         return cls(graphdef, trainable, rest, opt_state, (trainable_sh, rest_sh, opt_sh), step_fn)
 
     @property
@@ -86,6 +87,12 @@ class Run:
 
     def model(self):
         return nnx.merge(self.graphdef, self.trainable, self.rest)
+
+    def compile(self, global_batch: dict) -> None:
+        """Compile the step ahead of the first call (its cost shows up here, not in step 1)."""
+        self._step_fn = self._step_fn.lower(
+            self.trainable, self.rest, self.opt_state, global_batch, jnp.asarray(0, jnp.int32),
+            jax.random.key(0)).compile()
 
     def step(self, global_batch: dict, opt_step: int, dropout_key) -> dict:
         self.trainable, self.rest, self.opt_state, out = self._step_fn(
@@ -164,6 +171,8 @@ def train(cfg, workdir: str) -> dict:
     start = ckpt.latest_step() or 0
     if start:
         run.restore(ckpt, start, iterator)
+        if proc == 0:
+            print(f"pretrain: resumed from step {start} ({ckpt.directory})", flush=True)
     lr_at = optim.schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.total_steps,
                            cfg.optim.init_lr, cfg.optim.end_lr)
     base_key = jax.random.key(cfg.seed + 1)
@@ -184,10 +193,13 @@ def train(cfg, workdir: str) -> dict:
                 batch = next(iterator)
                 t1 = time.perf_counter()
                 global_batch = sharding.shard_batch({k: batch[k] for k in STEP_INPUTS}, mesh)
+                if step == start:
+                    run.compile(global_batch)
+                    sharding.barrier("compiled")  # hosts enter the first collective together
                 opt_step = step // cfg.optim.grad_accum
                 out = run.step(global_batch, opt_step, jax.random.fold_in(base_key, step))
                 # Scalars only; the sync means a bad step never reaches a checkpoint.
-                values = {k: float(v) for k, v in jax.device_get(out).items()}
+                values = sharding.local_scalars(out)
                 if not math.isfinite(values["total"]):
                     raise NonFiniteLossError(
                         f"step {step + 1}: loss is {values['total']} (terms: {values}); stopped "
@@ -202,10 +214,10 @@ def train(cfg, workdir: str) -> dict:
                     bar.set_postfix(loss=f"{last['total']:.4f}", w=f"{values['w']:.0f}")
                 if done % cfg.train.checkpoint_every == 0 or done == steps:
                     save(done)
-                if stop.signal:
+                if sharding.any_process(stop.signal is not None):
                     if done % cfg.train.checkpoint_every and done != steps:
                         save(done)
-                    bar.write(f"{stop.signal}: saved step {done}, exiting")
+                    bar.write(f"{stop.signal or 'stop on another process'}: saved step {done}, exiting")
                     break
     finally:
         bar.close()

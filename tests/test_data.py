@@ -226,7 +226,7 @@ def test_epochs_are_permutations_reshuffled(cfg, tok, train_records):
     assert not np.array_equal(idx[:n], idx[n:])
 
 
-def test_hosts_read_disjoint_slices_of_one_global_stream(cfg, tok, train_records):
+def test_hosts_read_disjoint_blocks_of_one_global_stream(cfg, tok, train_records):
     n = len(train_records)
     run = dataclasses.replace(cfg, image_size=16)
     single = _take(data.train_iterator(run, tok), n // BATCH)  # one epoch
@@ -236,12 +236,12 @@ def test_hosts_read_disjoint_slices_of_one_global_stream(cfg, tok, train_records
     one_epoch = [np.concatenate([b["index"] for b in h]) for h in hosts]
     assert not set(one_epoch[0]) & set(one_epoch[1])
     assert set(one_epoch[0]) | set(one_epoch[1]) == set(range(n))
-    # Host p's k-th example is global example P*k + p, views and all (rng by global position).
-    flat = {k: np.concatenate([b[k] for b in single]) for k in single[0]}
-    for p, h in enumerate(hosts):
+    # Host p's k-th batch is block p of global batch k, views and all (rng by global
+    # position): the hosts' pieces, in process order, are the single host's batch.
+    for k, whole in enumerate(single):
         for key in ("index", "view2_index", "view1", "input_ids"):
-            host = np.concatenate([b[key] for b in h])
-            np.testing.assert_array_equal(host, flat[key][p::2])
+            parts = np.concatenate([hosts[p][k][key] for p in range(2)])
+            np.testing.assert_array_equal(parts, whole[key])
     with pytest.raises(ValueError, match="divisible"):
         data.train_iterator(run, tok, process_index=0, process_count=3)
     with pytest.raises(ValueError, match="process_index"):

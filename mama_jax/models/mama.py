@@ -58,9 +58,12 @@ class MaMA(nnx.Module):
         self.text = text if text is not None else TextDecoder(cfg.text, rngs=rngs)
         self.img_global = nnx.Linear(dv, d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.txt_global = nnx.Linear(dt, d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.img_local = TokenMLP(dv, cfg.local_hidden, d, bias=True, final_affine=False,
+        # No Linear biases in the local heads (the official ones have them): each feeds a
+        # BatchNorm, which removes it, so its true gradient is 0 and Adam would turn the
+        # rounding noise of that 0 into lr-sized random steps.
+        self.img_local = TokenMLP(dv, cfg.local_hidden, d, bias=False, final_affine=False,
                                   dtype=dtype, rngs=rngs)
-        self.txt_local = TokenMLP(dt, cfg.local_hidden, d, bias=True, final_affine=False,
+        self.txt_local = TokenMLP(dt, cfg.local_hidden, d, bias=False, final_affine=False,
                                   dtype=dtype, rngs=rngs)
         self.simclr = TokenMLP(dv, dv, cfg.simclr_out, bias=False, final_affine=True,
                                dtype=dtype, rngs=rngs)
