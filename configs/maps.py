@@ -21,4 +21,8 @@ def get_config(arg: str | None = None):
     c.sentence = "Impressions"   # the sentence shown: the first one starting with this text
     c.max_length = 0             # caption tokens; 0 = the text tower's context (n_positions)
     c.display_size = 448         # PNG side in pixels (the image on the eval canvas)
+    c.image_size = 0             # model input side; 0 = pretraining's (a larger one gives a
+                                 # finer patch grid: the position table is resized)
+    c.score_images = 64          # score maps against lesion boxes on up to this many records
+                                 # with boxes (-1 = all, 0 = none); see maps.roi_scores
     return c

@@ -2,8 +2,9 @@
 
 The dataset holds one record per image (the record contract of DESIGN.md):
 `image` as a zlib-compressed uint16 Tensor (TFDS image features need
-TensorFlow; this one does not), the ids, laterality, view and the caption and
-label fields. Read it with `tfds.builder_from_directory(path).as_data_source()`
+TensorFlow; this one does not), the ids, laterality, view, the caption and
+label fields and the lesion boxes (mapped from source to stored pixels here,
+through the crop box the decoder recorded in the manifest). Read it with `tfds.builder_from_directory(path).as_data_source()`
 or `tfds.data_source("mammography/<config>", data_dir=...)`, and feed a split
 to `grain.MapDataset.source`.
 """
@@ -51,6 +52,7 @@ class Mammography(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         _pass_through_compressed(self.info.features["image"])
+        self._manifest = prepare.read_manifest(self._cache_dir) if self._cache_dir else {}
         by_split = {s: [r for r in self._rows if r["split"] == s] for s in schema.SPLITS}
         return {s: self._generate_examples(rows) for s, rows in by_split.items() if rows}
 
@@ -58,7 +60,21 @@ class Mammography(tfds.core.GeneratorBasedBuilder):
         for row in rows:
             record = {k: row[k] for k in schema.ROW_FIELDS}
             record["image"] = prepare.read_cached(self._cache_dir, row["image_id"])
+            record["roi_boxes"] = self._stored_boxes(row, record["image"].shape)
             yield row["image_id"], record
+
+    def _stored_boxes(self, row: dict, shape: tuple[int, int]) -> str:
+        """The row's lesion boxes (source pixels) mapped onto the stored image."""
+        where = f"image {row['image_id']}: roi_boxes"
+        boxes = schema.parse_boxes(row["roi_boxes"], where)
+        if not boxes:
+            return schema.UNKNOWN_TEXT
+        transform = prepare.transform_of(self._manifest.get(row["image_id"], {}))
+        if transform is None or (transform.height, transform.width) != tuple(shape):
+            raise ValueError(f"{where}: {prepare.MANIFEST} in {self._cache_dir} has no crop box "
+                             f"matching the cached image; rebuild so the image is decoded again")
+        mapped = [transform.map_box(b) for b in boxes]
+        return schema.format_boxes(b for b in mapped if b is not None)
 
 
 def _pass_through_compressed(feature: tfds.features.Tensor) -> None:

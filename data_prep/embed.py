@@ -10,6 +10,7 @@ the side-filtered rows (the official code indexes the unfiltered rows: D19).
 from __future__ import annotations
 
 import os
+import re
 
 import pandas as pd
 
@@ -24,6 +25,8 @@ LEGEND_FILE = "AWS_Open_Data_Clinical_Legend.csv"
 
 METADATA_COLUMNS = ("empi_anon", "acc_anon", "anon_dicom_path", "StudyDescription",
                     "FinalImageType", "ImageLateralityFinal", "ViewPosition")
+# Lesion boxes in DICOM pixels, "((ymin, xmin, ymax, xmax), ...)"; without it, no boxes.
+ROI_COLUMN = "ROI_coords"
 CLINICAL_COLUMNS = ("acc_anon", "asses", "tissueden", "side", "massshape", "massdens",
                     "calcfind", "calcdistri", "age_at_study", "ETHNIC_GROUP_DESC")
 # MaMA reads RACE_DESC; other EMBED exports call the same column ETHNICITY_DESC.
@@ -144,6 +147,29 @@ def image_id_of(anon_path: str) -> str:
     return stem if ext.lower() in (".dcm", ".dicom") else name
 
 
+_ROI_NUMBER = r"\s*(-?\d+(?:\.\d*)?)\s*"
+_ROI_BOX = re.compile(r"[(\[]" + ",".join([_ROI_NUMBER] * 4) + r"[)\]]")
+
+
+def roi_boxes_of(value, where: str = ROI_COLUMN) -> str:
+    """ROI_coords "((ymin, xmin, ymax, xmax), ...)" (inclusive pixels; "()" or missing
+    for none) -> the row's roi_boxes text, "y0,x0,y1,x1;..." with exclusive ends.
+
+    Anything else, or a box with ymax < ymin or xmax < xmin, is a TableError.
+    """
+    text = clean_text(value)
+    if not text:
+        return schema.UNKNOWN_TEXT
+    boxes = [tuple(float(v) for v in m.groups()) for m in _ROI_BOX.finditer(text)]
+    # Whatever is left once the boxes are taken out must be brackets, commas and blanks.
+    if _ROI_BOX.sub("", text).strip("()[], ") or any(
+            b[2] < b[0] or b[3] < b[1] or min(b) < 0 for b in boxes):
+        raise TableError(f"{where}: {ROI_COLUMN} {text!r} is not "
+                         f"'((ymin, xmin, ymax, xmax), ...)' with ymin <= ymax, xmin <= xmax")
+    return schema.format_boxes((int(y0), int(x0), int(y1) + 1, int(x1) + 1)
+                               for y0, x0, y1, x1 in boxes)
+
+
 def _records(df: pd.DataFrame, columns) -> list[dict]:
     cols = [c for c in columns if c in df.columns]
     return [dict(zip(cols, values)) for values in zip(*(df[c].tolist() for c in cols))]
@@ -203,7 +229,8 @@ def load_rows(tables_dir: str, images_dir: str, *, splits_file: str, seed: int =
 
     rows: schema rows + dicom_path; dropped: {"image_id", "dicom_path", "reason"}.
     """
-    meta_path, meta_df = load_table(tables_dir, METADATA_FILES, METADATA_COLUMNS)
+    meta_path, meta_df = load_table(tables_dir, METADATA_FILES, METADATA_COLUMNS,
+                                    optional=(ROI_COLUMN,))
     _, clin_df = load_table(tables_dir, CLINICAL_FILES, CLINICAL_COLUMNS,
                            one_of=(RACE_COLUMNS,), optional=OPTIONAL_CLINICAL)
     _, legend_df = load_table(tables_dir, LEGEND_FILE, LEGEND_COLUMNS)
@@ -211,7 +238,7 @@ def load_rows(tables_dir: str, images_dir: str, *, splits_file: str, seed: int =
     race_column = next(c for c in RACE_COLUMNS if c in clin_df.columns)
     exams = _clinical_by_exam(clin_df, race_column)
 
-    metas = _records(meta_df, METADATA_COLUMNS)
+    metas = _records(meta_df, METADATA_COLUMNS + (ROI_COLUMN,))
     anon_paths = [clean_text(m["anon_dicom_path"]) for m in metas]
     image_ids = [image_id_of(p) if p else "" for p in anon_paths]
     check_unique_ids(image_ids, meta_path)
@@ -238,6 +265,8 @@ def load_rows(tables_dir: str, images_dir: str, *, splits_file: str, seed: int =
         row.update(problem)
         row.update(patient_id=clean_id(meta["empi_anon"]), study_id=clean_id(meta["acc_anon"]),
                    image_id=image_id, view=clean_text(meta["ViewPosition"]), image_type="2D",
+                   roi_boxes=roi_boxes_of(meta.get(ROI_COLUMN),
+                                          f"{os.path.basename(meta_path)} image {image_id}"),
                    dicom_path=dicom_path)
         rows.append(row)
 

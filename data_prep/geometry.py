@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -84,3 +85,36 @@ def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
     else:
         new_h, new_w = max(1, round(h * scale)), long_side
     return cv2.resize(np.ascontiguousarray(img), (new_w, new_h), interpolation=cv2.INTER_AREA)
+
+
+@dataclass(frozen=True)
+class CropResize:
+    """How a stored image was made from its source: crop (y0:y1, x0:x1), then resize
+    to (height, width). Maps source pixel boxes (lesion ROIs) onto the stored image."""
+    crop: tuple[int, int, int, int]   # (y0, y1, x0, x1) in source pixels, as crop_breast
+    height: int                       # stored image size
+    width: int
+
+    def map_box(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+        """Source box (y0, x0, y1, x1), y1/x1 exclusive -> the stored pixels it covers
+        (same convention, rounded outwards), or None if it misses the crop."""
+        cy0, cy1, cx0, cx1 = self.crop
+        sy, sx = self.height / (cy1 - cy0), self.width / (cx1 - cx0)
+        y0, x0, y1, x1 = box
+        # Pixel edges scale exactly (cv2.resize maps edge e to e * scale); round outwards.
+        top = max(0, math.floor((y0 - cy0) * sy + 1e-6))
+        left = max(0, math.floor((x0 - cx0) * sx + 1e-6))
+        bottom = min(self.height, math.ceil((y1 - cy0) * sy - 1e-6))
+        right = min(self.width, math.ceil((x1 - cx0) * sx - 1e-6))
+        return (top, left, bottom, right) if bottom > top and right > left else None
+
+
+def crop_and_resize(img: np.ndarray, long_side: int, *, crop: bool = True
+                    ) -> tuple[np.ndarray, CropResize]:
+    """crop_breast (if `crop`) then resize_long_side; returns (contiguous image, transform)."""
+    if crop:
+        img, box = crop_breast(img)
+    else:
+        box = (0, img.shape[0], 0, img.shape[1])
+    out = np.ascontiguousarray(resize_long_side(img, long_side))
+    return out, CropResize(tuple(int(v) for v in box), int(out.shape[0]), int(out.shape[1]))

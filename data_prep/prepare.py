@@ -3,8 +3,9 @@
 Each image is decoded, cropped and resized by a worker process and written
 atomically under `cache/` as an 8-byte shape header plus the zlib-compressed
 uint16 buffer: exactly the bytes the dataset stores, so packing needs no
-further compression (the slow part of a single-process TFDS write); its outcome (written, or skipped with
-the reason) is appended to `manifest.jsonl` and flushed at once. A build that is
+further compression (the slow part of a single-process TFDS write); its outcome (written,
+with the crop box that places lesion boxes, or skipped with the reason) is appended to
+`manifest.jsonl` and flushed at once. A build that is
 killed keeps everything finished: on the next run, images already in the
 manifest are not decoded again.
 """
@@ -22,10 +23,11 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import dicom
+from data_prep import dicom, geometry
 
 MANIFEST = "manifest.jsonl"
 CACHE = "cache"
+_NO_RESIZE = 2 ** 31 - 1  # read_dicom's long_side that keeps the full resolution
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ def _decode_one(job: tuple[str, str, str, DecodeOptions]) -> dict:
     if not os.path.exists(dicom_path):
         return {**entry, "status": "skipped", "reason": "file not found"}
     try:
-        decoded = dicom.read_dicom(dicom_path, voi=opts.voi, long_side=opts.long_side)
+        # Crop and resize here rather than in read_dicom: the crop box is needed to map
+        # the tables' lesion boxes (source pixels) onto the stored image.
+        decoded = dicom.read_dicom(dicom_path, voi=opts.voi, long_side=_NO_RESIZE, crop=False)
     except dicom.DicomError as err:
         # The message names the file first; keep only the reason.
         reason = str(err)
@@ -89,12 +93,27 @@ def _decode_one(job: tuple[str, str, str, DecodeOptions]) -> dict:
         return {**entry, "status": "skipped", "reason": reason}
     except Exception as err:  # a decoder crash must not stop the batch
         return {**entry, "status": "skipped", "reason": f"{type(err).__name__}: {err}"}
+    try:
+        pixels, transform = geometry.crop_and_resize(decoded.pixels, opts.long_side)
+    except Exception as err:
+        return {**entry, "status": "skipped",
+                "reason": f"pixel processing failed ({type(err).__name__}: {err})"}
     target = cache_path(out_dir, image_id)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    write_cached(target, CompressedImage.compress(decoded.pixels))
-    h, w = decoded.pixels.shape
+    write_cached(target, CompressedImage.compress(pixels))
+    h, w = pixels.shape
     return {**entry, "status": "written", "height": int(h), "width": int(w),
+            "crop": list(transform.crop),
             "dicom_laterality": decoded.laterality, "dicom_view": decoded.view}
+
+
+def transform_of(entry: dict) -> geometry.CropResize | None:
+    """The crop/resize a written manifest entry records (None for entries written before
+    the crop box was recorded)."""
+    if entry.get("status") != "written" or "crop" not in entry:
+        return None
+    return geometry.CropResize(tuple(int(v) for v in entry["crop"]), int(entry["height"]),
+                               int(entry["width"]))
 
 
 def read_manifest(out_dir: str) -> dict[str, dict]:
@@ -122,9 +141,11 @@ def decode_all(jobs: list[tuple[str, str]], out_dir: str, opts: DecodeOptions,
     """
     os.makedirs(os.path.join(out_dir, CACHE), exist_ok=True)
     done = read_manifest(out_dir)
-    # A written entry whose cache file vanished is decoded again.
+    # A written entry whose cache file vanished, or that predates the recorded crop box
+    # (needed to place lesion boxes), is decoded again.
     done = {k: v for k, v in done.items()
-            if v["status"] != "written" or os.path.exists(cache_path(out_dir, k))}
+            if v["status"] != "written"
+            or (os.path.exists(cache_path(out_dir, k)) and transform_of(v) is not None)}
     todo = [(i, p, out_dir, opts) for i, p in jobs if i not in done]
     with open(os.path.join(out_dir, MANIFEST), "a") as manifest:
         def record(entry: dict) -> None:

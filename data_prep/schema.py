@@ -6,6 +6,12 @@ canonical rows: one dict per image with exactly the fields of ROW_FIELDS plus
 adds the decoded `image` and writes one record per row.
 
 Unknown values have one spelling per type: "" for text, -1 for integers.
+
+`roi_boxes` holds lesion boxes as "y0,x0,y1,x1;y0,x0,y1,x1" (integer pixels, y1 and
+x1 exclusive; "" = no box known). In a row the boxes are in the source DICOM's
+pixels; the builder maps them through the crop and resize of the image, so in a
+stored record they are in the stored image's pixels. Datasets built before the
+field existed lack it: readers treat a missing field as no boxes.
 Only anonymised dataset ids and clinical table fields live here: nothing is
 ever copied from a DICOM header except laterality and view.
 """
@@ -29,6 +35,7 @@ TEXT_FIELDS = (
     "calc_type",
     "calc_distribution",
     "split",        # "train" / "validation" / "test"
+    "roi_boxes",    # lesion boxes "y0,x0,y1,x1;..." (see above), "" if none
 )
 INT_FIELDS = (
     "age",          # years, -1 unknown
@@ -43,6 +50,27 @@ SPLITS = ("train", "validation", "test")
 VIEWS = ("CC", "MLO")
 UNKNOWN_TEXT = ""
 UNKNOWN_INT = -1
+
+
+def format_boxes(boxes) -> str:
+    """[(y0, x0, y1, x1), ...] -> "y0,x0,y1,x1;..." ("" for none)."""
+    return ";".join(",".join(str(int(v)) for v in box) for box in boxes)
+
+
+def parse_boxes(text: str, where: str = "roi_boxes") -> list[tuple[int, int, int, int]]:
+    """"y0,x0,y1,x1;..." -> [(y0, x0, y1, x1), ...]; ValueError naming `where` if malformed."""
+    boxes = []
+    for part in text.split(";") if text.strip() else ():
+        values = part.split(",")
+        try:
+            box = tuple(int(v) for v in values)
+        except ValueError:
+            box = ()
+        if len(box) != 4 or min(box) < 0 or box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"{where}: box {part.strip()!r} is not 'y0,x0,y1,x1' with "
+                             f"0 <= y0 < y1 and 0 <= x0 < x1")
+        boxes.append(box)
+    return boxes
 
 
 def empty_row() -> dict:
@@ -76,3 +104,4 @@ def validate_row(row: dict, where: str = "row") -> None:
         raise ValueError(f"{where}: birads {row['birads']} not in 0..6 or -1")
     if row["cancer"] not in (-1, 0, 1):
         raise ValueError(f"{where}: cancer {row['cancer']} not in -1/0/1")
+    parse_boxes(row["roi_boxes"], where=f"{where}: roi_boxes")

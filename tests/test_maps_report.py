@@ -110,6 +110,58 @@ def test_overlay_png_has_the_image_size_and_shows_the_heat(tmp_path):
         maps.overlay_png(image, sim[0], str(tmp_path / "bad.png"), "")
 
 
+def test_overlay_png_outlines_the_boxes(tmp_path):
+    image = np.zeros((60, 60), np.uint16)
+    path = maps.overlay_png(image, np.zeros((2, 2), np.float32), str(tmp_path / "b.png"), "",
+                            boxes=[(10, 20, 30, 40)])
+    rgb = mpimg.imread(path)[..., :3]
+    assert rgb[10, 25].min() == 1.0 and rgb[29, 39].min() == 1.0  # white outline
+    assert rgb[20, 30].max() < 1.0 and rgb[5, 5].max() < 1.0  # inside and outside are not
+
+
+# ----------------------------------------------------------------------------- lesion scores
+
+def test_roi_scores_of_a_map_with_a_known_hot_spot():
+    breast = np.zeros((112, 112), bool)
+    breast[:, :84] = True                          # the breast fills the left 6 of 8 columns
+    box = [(30, 30, 40, 40)]                       # inside patch cell (2, 2) (14 px cells)
+    sim = np.zeros((8, 8), np.float32)
+    sim[2, 2] = 1.0
+    hot = maps.roi_scores(sim, breast, box)
+    assert hot["hit"] and hot["peak_rank"] == 1 and hot["peak_percentile"] == 100.0
+    assert hot["lift"] > 5
+    assert hot["chance_hit"] == pytest.approx(1 / 48)  # one box cell among 6 x 8 breast cells
+    assert hot["box_fraction"] == pytest.approx(100 / (112 * 84))
+    cold = maps.roi_scores(-sim, breast, box)
+    assert not cold["hit"] and cold["peak_rank"] == 48 and cold["lift"] < 0.5
+    # Rank on the patch grid: 1 + the breast patches outside the box that are hotter.
+    rng = np.random.default_rng(0)
+    sim = rng.permutation(64).reshape(8, 8).astype(np.float32)
+    got = maps.roi_scores(sim, breast, box)
+    others = np.delete(sim[:, :6].ravel(), 2 * 6 + 2)
+    assert got["peak_rank"] == 1 + int((others > sim[2, 2]).sum())
+    assert got["peak_percentile"] == pytest.approx(100 * (others < sim[2, 2]).mean())
+    # Heat in the box: the more of the map's heat sits there, the higher the lift.
+    ramp = np.tile(np.arange(8, dtype=np.float32), (8, 1))  # hot to the right
+    assert maps.roi_scores(ramp, breast, [(0, 70, 112, 84)])["lift"] > 1.5
+    assert maps.roi_scores(ramp, breast, [(0, 0, 112, 14)])["lift"] < 0.5
+    assert maps.roi_scores(sim, breast, []) is None
+
+
+def test_boxes_from_records_onto_the_canvas():
+    assert maps.record_boxes({"image_id": b"x"}) == []          # dataset from before the field
+    assert maps.record_boxes({"roi_boxes": b""}) == []
+    assert maps.record_boxes({"roi_boxes": b"1,2,3,4;5,6,7,9"}) == [(1, 2, 3, 4), (5, 6, 7, 9)]
+    with pytest.raises(ValueError, match="roi_boxes"):
+        maps.record_boxes({"roi_boxes": b"1,2,3"})
+    # A 100 x 50 image on a 200 px canvas: scaled by 2 and centred (50 px padding left).
+    assert maps.canvas_boxes([(10, 10, 21, 20)], (100, 50), 200) == [(20, 70, 42, 90)]
+    canvas = np.zeros((40, 40), np.float32)
+    canvas[5:35, 10:30] = 0.6
+    mask = maps.breast_mask(canvas)
+    assert mask[20, 20] and not mask[2, 2] and mask.sum() == 600
+
+
 def test_choose_records_takes_mass_images_first_or_the_given_ids():
     source = [{"image_id": b"a", "mass_shape": b""}, {"image_id": b"b", "mass_shape": b"oval"},
               {"image_id": b"c", "mass_shape": b" "}, {"image_id": b"d", "mass_shape": b"round"}]
@@ -150,6 +202,17 @@ def test_run_writes_maps_for_mass_images_first(pretrained_workdir, tiny_dataset,
     queries = {(m["record_index"], m["query"]) for m in written["maps"]}
     for i in expected:
         assert (i, "The mass" if has_mass[i] else "Impressions") in queries
+    # Every record with lesion boxes is scored, drawn or not; drawn ones carry their score.
+    with_boxes = [i for i in range(len(source)) if source[i]["roi_boxes"]]
+    assert with_boxes and {s["record_index"] for s in written["roi_scores"]} == set(with_boxes)
+    for entry in written["maps"]:
+        assert ("roi" in entry) == (entry["record_index"] in with_boxes)
+    summary = written["roi_summary"]
+    assert set(summary) == {s["query"] for s in written["roi_scores"]}
+    for query, v in summary.items():
+        lifts = [s["lift"] for s in written["roi_scores"] if s["query"] == query]
+        assert v["n"] == len(lifts) and v["mean_lift"] == pytest.approx(np.mean(lifts))
+        assert 0 <= v["chance_hit_rate"] <= 1
 
 
 # ----------------------------------------------------------------------------- report
@@ -186,7 +249,11 @@ def _write_results(workdir):
     with open(os.path.join(workdir, "maps", "maps.json"), "w") as f:
         json.dump({"checkpoint_step": 3, "split": "test", "maps": [
             {"image_id": "img1", "query": "Impressions", "sentence": "Impressions: BI-RADS 2",
-             "png": png, "min": -0.25, "max": 0.5}],
+             "png": png, "min": -0.25, "max": 0.5,
+             "roi": {"lift": 1.5, "peak_rank": 2}}],
+            "roi_summary": {"The mass": {"n": 3, "mean_lift": 1.75, "median_lift": 1.5,
+                                         "hit_rate": 2 / 3, "chance_hit_rate": 0.05,
+                                         "mean_peak_percentile": 97.25}},
             "skipped": [{"image_id": "img2", "query": "The mass", "reason": "no sentence"}]}, f)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         for step in (1, 2, 3):
@@ -214,7 +281,9 @@ def test_report_tables_and_figures(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == PNG_MAGIC, name
         assert f"](report/{name})" in md
-    assert "**img1**: \"Impressions: BI-RADS 2\" cosine -0.250..0.500" in md
+    assert "**img1**: \"Impressions: BI-RADS 2\" cosine -0.250..0.500, lesion lift 1.50, " \
+           "peak rank 2" in md
+    assert "| The mass | 3 | 1.75 | 1.50 | 67% | 5% | 97.2 |" in md
     assert "![Impressions](maps/a.png)" in md and "skipped img2 / The mass: no sentence" in md
     assert result["zeroshot_tasks"] == 1 and result["loss_curves"] == 1 and result["figures"] == 5
 

@@ -12,6 +12,7 @@ ViT's patch grid. Heat maps are min-max normalised to [0, 1] for display, as in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -26,7 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mama_jax import captions, data, losses  # noqa: E402
-from mama_jax.augment import eval_geometry, eval_transform  # noqa: E402
+from mama_jax.augment import canvas_layout, eval_geometry, eval_transform  # noqa: E402
 from mama_jax.evaluate import extract, restore  # noqa: E402
 from mama_jax.models import text as text_lib  # noqa: E402
 from mama_jax.models.tokenizer import SENTENCE_ENDS, encode_captions  # noqa: E402
@@ -119,20 +120,31 @@ def _gray01(image: np.ndarray) -> np.ndarray:
     return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
 
 
-def overlay_png(image: np.ndarray, sim_map: np.ndarray, path: str, title: str) -> str:
-    """The map, bilinearly upsampled and normalised to [0, 1], as a translucent heat map on
-    the grey image; a PNG of exactly the image's size (title drawn in and kept as metadata)."""
-    gray = _gray01(image)
+def upsample(sim_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The patch-grid map bilinearly upsampled to [height, width] (as drawn)."""
     sim_map = np.asarray(sim_map, np.float32)
     if sim_map.ndim != 2:
         raise ValueError(f"sim_map must be 2-D [gh, gw], got shape {sim_map.shape}")
+    return cv2.resize(sim_map, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def overlay_png(image: np.ndarray, sim_map: np.ndarray, path: str, title: str,
+                boxes=()) -> str:
+    """The map, bilinearly upsampled and normalised to [0, 1], as a translucent heat map on
+    the grey image; a PNG of exactly the image's size (title drawn in and kept as metadata).
+    `boxes` (y0, x0, y1, x1) in the image's pixels (lesion ROIs) are outlined in white."""
+    gray = _gray01(image)
     h, w = gray.shape
-    up = cv2.resize(sim_map, (w, h), interpolation=cv2.INTER_LINEAR)
+    up = upsample(sim_map, h, w)
     lo, hi = float(up.min()), float(up.max())
     heat = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
     rgb = (1 - HEAT_ALPHA) * np.repeat(gray[..., None], 3, axis=2) \
         + HEAT_ALPHA * colormaps[COLORMAP](heat)[..., :3]
     rgb = np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    thickness = max(1, w // 300)
+    for y0, x0, y1, x1 in boxes:
+        cv2.rectangle(rgb, (int(x0), int(y0)), (int(x1) - 1, int(y1) - 1), (255, 255, 255),
+                      thickness)
     if title and w >= 128:  # on smaller images the text would cover the picture
         font, scale = cv2.FONT_HERSHEY_SIMPLEX, w / 900.0
         text_w = cv2.getTextSize(title, font, scale, 1)[0][0]
@@ -143,6 +155,111 @@ def overlay_png(image: np.ndarray, sim_map: np.ndarray, path: str, title: str) -
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     mpimg.imsave(path, rgb, format="png", metadata={"Title": title})
     return path
+
+
+# ----------------------------------------------------------------------------- lesion scores
+
+def record_boxes(record) -> list[tuple[int, int, int, int]]:
+    """The record's lesion boxes (y0, x0, y1, x1) in stored-image pixels, y1/x1 exclusive.
+
+    [] when it has none, or when the dataset was built before records carried roi_boxes.
+    """
+    text = _text(record["roi_boxes"]).strip() if "roi_boxes" in record else ""
+    boxes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            box = tuple(int(v) for v in part.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4 or min(box) < 0 or box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"record field roi_boxes {text!r}: box {part!r} is not "
+                             f"'y0,x0,y1,x1' with 0 <= y0 < y1 and 0 <= x0 < x1")
+        boxes.append(box)
+    return boxes
+
+
+def canvas_boxes(boxes, image_shape: tuple[int, int], size: int) -> list[tuple[int, int, int, int]]:
+    """Stored-image boxes -> boxes on the size x size eval canvas (eval_geometry's layout),
+    rounded outwards."""
+    h, w, top, left = canvas_layout(int(image_shape[0]), int(image_shape[1]), size)
+    sy, sx = h / image_shape[0], w / image_shape[1]
+    return [(top + math.floor(y0 * sy), left + math.floor(x0 * sx),
+             top + min(h, math.ceil(y1 * sy)), left + min(w, math.ceil(x1 * sx)))
+            for y0, x0, y1, x1 in boxes]
+
+
+def breast_mask(canvas01: np.ndarray) -> np.ndarray:
+    """Breast pixels of an eval canvas (float [S, S] in [0, 1]): Otsu's threshold, which
+    splits tissue from the dark background and padding."""
+    u8 = np.clip(np.asarray(canvas01, np.float32) * 255 + 0.5, 0, 255).astype(np.uint8)
+    if u8.min() == u8.max():
+        return np.ones(u8.shape, bool)
+    _, mask = cv2.threshold(u8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return mask.astype(bool)
+
+
+def _cell_means(mask: np.ndarray, gh: int, gw: int) -> np.ndarray:
+    """Fraction of each patch cell covered by `mask` (cells split the canvas evenly)."""
+    ys = np.round(np.linspace(0, mask.shape[0], gh + 1)).astype(int)
+    xs = np.round(np.linspace(0, mask.shape[1], gw + 1)).astype(int)
+    return np.array([[mask[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean() for j in range(gw)]
+                     for i in range(gh)], np.float64)
+
+
+def roi_scores(sim_map: np.ndarray, breast: np.ndarray, boxes) -> dict | None:
+    """How strongly a map lights up the lesion boxes (None without a box on the canvas).
+
+    sim_map: patch cosines [gh, gw] over a square canvas; breast: bool [R, R] breast mask
+    of that canvas; boxes: (y0, x0, y1, x1) canvas pixels, taken together (ROIs are not
+    typed, so a mass and a calcification box of one image count as one lesion area).
+      lift         mean heat in the boxes / mean heat over the breast, heat = the map
+                   upsampled as drawn and min-max normalised over the breast; 1 = no
+                   preference, above 1 = the lesion is lit.
+      peak_rank    rank of the hottest patch touching a box among it and the breast's other
+                   patches (cells at least half breast); 1 = the map's peak is on the lesion.
+      peak_percentile  % of those other patches colder than that patch.
+      hit          peak_rank == 1 (the pointing game); chance_hit is its rate for a map
+                   of random values: box patches / all competing patches.
+    """
+    sim_map = np.asarray(sim_map, np.float32)
+    breast = np.asarray(breast, bool)
+    region = np.zeros(breast.shape, bool)
+    for y0, x0, y1, x1 in boxes:
+        region[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+    if not region.any():
+        return None
+    if not breast.any():
+        breast = np.ones_like(breast)
+    up = upsample(sim_map, *breast.shape)
+    lo, hi = float(up[breast].min()), float(up[breast].max())
+    heat = np.clip((up - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.ones_like(up)
+    lift = float(heat[region].mean() / max(float(heat[breast].mean()), 1e-12))
+
+    gh, gw = sim_map.shape
+    in_box = _cell_means(region, gh, gw) > 0
+    others = (_cell_means(breast, gh, gw) >= 0.5) & ~in_box
+    peak = float(sim_map[in_box].max())
+    rest = sim_map[others]
+    rank = 1 + int((rest > peak).sum())
+    return {"lift": lift, "peak_rank": rank,
+            "peak_percentile": float(100.0 * (rest < peak).mean()) if rest.size else 100.0,
+            "hit": rank == 1, "chance_hit": float(in_box.sum() / (in_box.sum() + others.sum())),
+            "box_fraction": float((region & breast).sum() / breast.sum())}
+
+
+def summarise_scores(scores: list[dict]) -> dict:
+    """Per query: n, mean and median lift, pointing-game hit rate (and its chance level),
+    mean peak percentile."""
+    out = {}
+    for query in dict.fromkeys(s["query"] for s in scores):
+        rows = [s for s in scores if s["query"] == query]
+        lift = np.array([r["lift"] for r in rows])
+        out[query] = {"n": len(rows), "mean_lift": float(lift.mean()),
+                      "median_lift": float(np.median(lift)),
+                      "hit_rate": float(np.mean([r["hit"] for r in rows])),
+                      "chance_hit_rate": float(np.mean([r["chance_hit"] for r in rows])),
+                      "mean_peak_percentile": float(np.mean([r["peak_percentile"] for r in rows]))}
+    return out
 
 
 # ----------------------------------------------------------------------------- job
@@ -177,17 +294,34 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text.strip()).strip("_") or "sentence"
 
 
+def _scored_records(source, limit: int) -> list[int]:
+    """The first `limit` records (split order) with lesion boxes; [] for datasets built
+    before records carried roi_boxes."""
+    if limit == 0 or len(source) == 0 or "roi_boxes" not in source[0]:
+        return []
+    boxes = extract.record_fields(source, ("roi_boxes",))["roi_boxes"].astype(str)
+    found = np.flatnonzero(np.char.str_len(np.char.strip(boxes)) > 0)
+    return [int(i) for i in (found if limit < 0 else found[:limit])]
+
+
 def run(cfg, workdir: str) -> dict:
     """Similarity maps of cfg.sentence (and "The mass" where present) for a few images:
-    PNGs and maps.json under WORKDIR/maps (skipped queries listed with their reason)."""
+    PNGs and maps.json under WORKDIR/maps (skipped queries listed with their reason).
+
+    Where records carry lesion boxes, the maps of up to cfg.score_images such records
+    are scored against them (roi_scores) and summarised per query in maps.json.
+    """
     extract.require_pretrain_workdir(cfg)
     pcfg = restore.load_pretrain_config(cfg.pretrain_workdir)
     source = data.open_split(extract.eval_data_config(cfg, pcfg).dataset_dir, cfg.split)
     records = choose_records(source, int(cfg.num_images), tuple(cfg.image_ids))
+    scored = _scored_records(source, int(cfg.get("score_images", 0)))
     step = cfg.get("step", -1)
     model, tok, step = restore.restore_model(cfg.pretrain_workdir, cfg=pcfg,
                                              step=None if step is None or step < 0 else step)
-    size = int(pcfg.data.image_size)
+    # The ViT resizes its position table to any grid, so maps can be drawn at a finer
+    # patch grid than pretraining used.
+    size = int(cfg.get("image_size", 0)) or int(pcfg.data.image_size)
     # The LM is causal: a sentence's state never depends on later tokens, so a longer
     # max_length than pretraining's only keeps late sentences from being cut off.
     max_length = int(cfg.get("max_length", 0)) or int(model.cfg.text.n_positions)
@@ -198,16 +332,22 @@ def run(cfg, workdir: str) -> dict:
     out_dir = os.path.join(workdir, MAPS_DIR)
     os.makedirs(out_dir, exist_ok=True)
 
-    maps, skipped = [], []
-    for index in records:
+    maps, skipped, scores = [], [], []
+    drawn = set(records)
+    for index in records + [i for i in scored if i not in drawn]:
         record = source[index]
         image_id = _text(record["image_id"])
         caption = captions.build_caption(record, style="structured", mask_prob=0.0)
+        sentences = split_sentences(caption)
         queries = [cfg.sentence]
-        if cfg.sentence != MASS_SENTENCE and any(
-                s.startswith(MASS_SENTENCE) for s in split_sentences(caption)):
+        if cfg.sentence != MASS_SENTENCE and any(s.startswith(MASS_SENTENCE) for s in sentences):
             queries.append(MASS_SENTENCE)
+        if index not in drawn:  # scored only: no skip notes for sentences it lacks
+            queries = [q for q in queries if any(s.startswith(q.strip()) for s in sentences)]
         image = eval_transform(record["image"], size)
+        canvas = eval_geometry(record["image"], display)
+        boxes = canvas_boxes(record_boxes(record), record["image"].shape, display)
+        breast = breast_mask(canvas) if boxes else None
         for query in queries:
             try:
                 k = find_sentence(caption, query)
@@ -216,18 +356,29 @@ def run(cfg, workdir: str) -> dict:
                 skipped.append({"image_id": image_id, "record_index": int(index), "query": query,
                                 "reason": str(err)})
                 continue
+            text = sentences[k]
+            roi = roi_scores(sim, breast, boxes) if boxes else None
+            if roi is not None:
+                scores.append({"image_id": image_id, "record_index": int(index), "query": query,
+                               "sentence": text, **roi})
+            if index not in drawn:
+                continue
             png = os.path.join(out_dir, f"{_slug(image_id)}_{_slug(query)}.png")
-            text = split_sentences(caption)[k]
             short_id = image_id if len(image_id) <= 12 else "..." + image_id[-8:]
-            overlay_png(eval_geometry(record["image"], display), sim, png, f"{short_id}: {text}")
-            maps.append({"image_id": image_id, "record_index": int(index), "query": query,
-                         "sentence": text, "sentence_index": k, "png": png,
-                         "grid": list(sim.shape), "min": float(sim.min()), "max": float(sim.max())})
+            overlay_png(canvas, sim, png, f"{short_id}: {text}", boxes=boxes)
+            entry = {"image_id": image_id, "record_index": int(index), "query": query,
+                     "sentence": text, "sentence_index": k, "png": png,
+                     "grid": list(sim.shape), "min": float(sim.min()), "max": float(sim.max())}
+            if roi is not None:
+                entry["roi"] = roi
+            maps.append(entry)
 
     result = {"pretrain_workdir": cfg.pretrain_workdir, "checkpoint_step": int(step),
-              "split": cfg.split, "image_size": size, "maps": maps, "skipped": skipped}
+              "split": cfg.split, "image_size": size, "maps": maps, "skipped": skipped,
+              "roi_summary": summarise_scores(scores), "roi_scores": scores}
     path = os.path.join(out_dir, MAPS_JSON)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     return {"num_maps": len(maps), "num_skipped": len(skipped), "maps_json": path,
-            "checkpoint_step": int(step)}
+            "checkpoint_step": int(step), "num_scored": len(scores),
+            "roi_summary": result["roi_summary"]}

@@ -265,6 +265,14 @@ def _figures(zs_json: dict | None, zs: dict, lp: dict, workdir: str, fig_dir: st
     return (["## Figures", ""] + [line + "\n" for line in out]) if out else []
 
 
+def _num(value, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if _finite(value) else "n/a"
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.0f}%" if _finite(value) else "n/a"
+
+
 def _maps_section(maps_json: dict | None, workdir: str) -> list[str]:
     out = ["## Sentence-to-patch similarity maps (Fig. 3)", ""]
     if not maps_json:
@@ -274,9 +282,24 @@ def _maps_section(maps_json: dict | None, workdir: str) -> list[str]:
                f"similar). Checkpoint step {maps_json.get('checkpoint_step', '?')}, "
                f"split {maps_json.get('split', '?')}.")
     out.append("")
+    summary = maps_json.get("roi_summary") or {}
+    if summary:
+        out += ["How well each sentence's map lights up the lesion boxes (white): lift = mean "
+                "heat in the boxes / mean heat over the breast (1 = no preference); pointing "
+                "hit = the map's hottest breast patch touches a box (chance: random maps).", "",
+                "| Sentence | Images | Mean lift | Median lift | Pointing hits | Chance | "
+                "Mean peak percentile |", "|---|---|---|---|---|---|---|"]
+        for query, v in summary.items():
+            out.append(f"| {query} | {v.get('n', 0)} | {_num(v.get('mean_lift'))} | "
+                       f"{_num(v.get('median_lift'))} | {_pct(v.get('hit_rate'))} | "
+                       f"{_pct(v.get('chance_hit_rate'))} | {_num(v.get('mean_peak_percentile'), 1)} |")
+        out.append("")
     for m in maps_json.get("maps", []):
         lo, hi = m.get("min"), m.get("max")
         rng = f"cosine {lo:.3f}..{hi:.3f}" if _finite(lo) and _finite(hi) else ""
+        roi = m.get("roi") or {}
+        if _finite(roi.get("lift")):
+            rng += f", lesion lift {roi['lift']:.2f}, peak rank {roi.get('peak_rank', '?')}"
         out.append(f"**{m.get('image_id', '?')}**: \"{m.get('sentence', '')}\" {rng}\n")
         if m.get("png"):
             out.append(f"![{m.get('query', 'map')}]({_rel(m['png'], workdir)})\n")

@@ -1,5 +1,6 @@
 """End-to-end build: synthetic EMBED-format tables + DICOMs -> TFDS ArrayRecord."""
 
+import ast
 import json
 import os
 import signal
@@ -201,3 +202,50 @@ def test_compressed_image_round_trip(tmp_path):
     image = prepare.read_cached(str(tmp_path), "1.2.3.4")
     assert image.shape == pixels.shape
     np.testing.assert_array_equal(image.to_array(), pixels)
+
+
+def test_lesion_boxes_are_carried_onto_the_stored_image(raw, built):
+    import pandas as pd
+
+    from data_prep import embed
+
+    out, _ = built
+    meta = pd.read_csv(os.path.join(raw, "tables", synthetic.METADATA_CSV))
+    rois = {embed.image_id_of(p): c for p, c in zip(meta["anon_dicom_path"], meta["ROI_coords"])}
+    crops = {e["image_id"]: e["crop"] for e in _manifest_lines(out) if e["status"] == "written"}
+    records = [r for rs in _read_dataset(out).values() for r in rs]
+    with_boxes = 0
+    for r in records:
+        image_id = r["image_id"].decode()
+        boxes = schema.parse_boxes(r["roi_boxes"].decode())
+        source = [tuple(int(v) for v in b) for b in ast.literal_eval(rois[image_id])]
+        assert len(boxes) == len(source), image_id  # synthetic lesions lie inside the breast
+        with_boxes += bool(boxes)
+        (cy0, cy1, cx0, cx1), (h, w) = crops[image_id], r["image"].shape
+        for (y0, x0, y1, x1), (sy0, sx0, sy1, sx1) in zip(boxes, source):
+            # inclusive source pixels -> stored pixels through the recorded crop and scale
+            assert y0 == max(0, int(np.floor((sy0 - cy0) * h / (cy1 - cy0))))
+            assert x1 == min(w, int(np.ceil((sx1 + 1 - cx0) * w / (cx1 - cx0))))
+            assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
+    assert with_boxes >= 3, "the synthetic set should have images with lesions"
+
+
+def test_cache_from_before_crop_boxes_is_decoded_again(raw, built, tmp_path):
+    import shutil
+
+    out, _ = built
+    copy = str(tmp_path / "out")
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("tfds"))
+    entries = _manifest_lines(copy)
+    written = [e for e in entries if e["status"] == "written"]
+    with open(os.path.join(copy, prepare.MANIFEST), "w") as f:
+        for e in entries:  # an old manifest: no crop boxes; one image keeps its crop
+            if e["status"] == "written" and e is not written[0]:
+                e = {k: v for k, v in e.items() if k != "crop"}
+            f.write(json.dumps(e) + "\n")
+    jobs = [(e["image_id"], e["dicom_path"]) for e in written]
+    redone = prepare.decode_all(jobs, copy, prepare.DecodeOptions(long_side=96), workers=1)
+    lines = _manifest_lines(copy)
+    assert len(lines) == len(entries) + len(written) - 1  # all but the one decoded again
+    assert all(redone[i]["crop"] == crops for i, crops in
+               ((e["image_id"], e["crop"]) for e in written))

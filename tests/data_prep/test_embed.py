@@ -240,3 +240,29 @@ def test_synthetic_tables_round_trip(tmp_path):
         assert os.path.isfile(r["dicom_path"]), r["dicom_path"]
     for d in dropped:
         assert d["reason"] and os.path.isfile(d["dicom_path"]), d
+    # Lesion boxes come along in DICOM pixels (inclusive table ends, exclusive row ends).
+    n_roi = {embed.image_id_of(p): n for p, n in zip(meta["anon_dicom_path"], meta["num_roi"])}
+    for r in rows:
+        assert len(schema.parse_boxes(r["roi_boxes"])) == n_roi[r["image_id"]]
+
+
+def test_roi_coords_become_row_boxes_with_exclusive_ends(tmp_path):
+    assert embed.roi_boxes_of("((10, 20, 30, 40),)") == "10,20,31,41"
+    assert embed.roi_boxes_of("((10, 20, 30, 40), (1.0, 2.0, 3.0, 4.0))") == "10,20,31,41;1,2,4,5"
+    assert embed.roi_boxes_of("(5, 6, 7, 8)") == "5,6,8,9"
+    for none in ("()", "", None, float("nan")):
+        assert embed.roi_boxes_of(none) == ""
+    for bad in ("((1, 2, 3),)", "((30, 20, 10, 40),)", "boxes"):
+        with pytest.raises(TableError, match="metadata.csv image 7.*ROI_coords"):
+            embed.roi_boxes_of(bad, "metadata.csv image 7")
+
+    with_roi = dict(_image(1, 10, "1.1", "L"), ROI_coords="((100, 50, 140, 90),)")
+    rows, _ = _load(tmp_path, [with_roi, dict(_image(1, 10, "1.2", "R"), ROI_coords="()")],
+                    [_finding(10, "L", "S")])
+    assert rows["1.1"]["roi_boxes"] == "100,50,141,91" and rows["1.2"]["roi_boxes"] == ""
+    # Without the column (it is optional), no row has boxes.
+    rows, _ = _load(tmp_path, [_image(1, 10, "1.1", "L")], [_finding(10, "L", "S")])
+    assert rows["1.1"]["roi_boxes"] == ""
+    with pytest.raises(TableError, match="1.3.*ROI_coords"):
+        _load(tmp_path, [dict(_image(1, 10, "1.3", "L"), ROI_coords="((1, 2),)")],
+              [_finding(10, "L", "S")])
