@@ -1,0 +1,145 @@
+"""The fine-tune model (vision tower + linear head on g(x)), its optimiser, sharded
+train state and step, and the restore of a finished fine-tune run."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mama_jax import checkpoint, factory, optim, sharding
+from mama_jax.evaluate import restore
+from mama_jax.models import mama
+from mama_jax.models.vit import VisionTransformer
+
+RUN_FILE = "run.json"  # in WORKDIR/finetune/<task>/: what the run was started from
+
+
+class Classifier(nnx.Module):
+    """The vision tower and a linear head on g(x)."""
+
+    def __init__(self, vision: VisionTransformer, num_classes: int, *, rngs: nnx.Rngs):
+        self.vision = vision
+        # PyTorch nn.Linear's default init, as the official head: U(+-1/sqrt(fan_in)).
+        self.head = nnx.Linear(vision.cfg.hidden, num_classes, dtype=jnp.float32,
+                               param_dtype=jnp.float32,
+                               kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                               rngs=rngs)
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """g(x) [B, Dv] fp32, as MaMA.image_features (the final norm is never run)."""
+        return self.vision.encode(self.vision.embed(images)).astype(jnp.float32).mean(axis=1)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.head(self.features(images))
+
+
+def trainable_filter():
+    """Everything but the ViT's final norm (g does not use it) and mask token (spec §4.2)."""
+    return nnx.All(nnx.Param, *[nnx.Not(nnx.All(nnx.PathContains("vision"), nnx.PathContains(n)))
+                                for n in mama.FROZEN_VISION])
+
+
+def lr_schedule(o, steps: int) -> optax.Schedule:
+    """Linear warm-up init_lr -> lr, cosine to end_lr at total_steps (0 = steps)."""
+    return optim.schedule(o.lr, o.warmup_steps, o.total_steps or steps, o.init_lr, o.end_lr)
+
+
+def make_optimizer(o, steps: int) -> optax.GradientTransformation:
+    """torch.optim.SGD(momentum, weight_decay): decay joins the gradient before momentum,
+    on every parameter (as the official run)."""
+    return optax.chain(optax.add_decayed_weights(o.weight_decay),
+                       optax.sgd(lr_schedule(o, steps), momentum=o.momentum))
+
+
+def train_step(graphdef, trainable, rest, opt_state, images, labels, *, tx):
+    def loss_fn(trainable):
+        logits = nnx.merge(graphdef, trainable, rest)(images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    out = {"loss": loss, "accuracy": (logits.argmax(-1) == labels).mean(),
+           "grad_norm": optax.tree.norm(grads)}
+    return optax.apply_updates(trainable, updates), opt_state, out
+
+
+def data_parallel_mesh(batch_size: int):
+    """The most devices that divide the batch; every device on multi-host runs."""
+    devices = jax.devices()
+    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
+    if jax.process_count() > 1 and n != len(devices):
+        raise factory.ConfigError(f"config.batch_size={batch_size} must divide evenly over all "
+                                  f"{len(devices)} devices of a multi-host run")
+    return sharding.make_mesh(n, 1, devices=devices[:n])
+
+
+class State:
+    """Sharded trainable / frozen parameters, optimiser state and the jitted step."""
+
+    def __init__(self, net: Classifier, tx: optax.GradientTransformation, mesh):
+        self.graphdef, trainable, rest = nnx.split(net, trainable_filter(), ...)
+        self.trainable_sh = sharding.state_shardings(trainable, mesh)
+        self.rest_sh = sharding.state_shardings(rest, mesh)
+        self.trainable = jax.device_put(trainable, self.trainable_sh)
+        self.rest = jax.device_put(rest, self.rest_sh)
+        opt_state = jax.jit(tx.init)(self.trainable)
+        self.opt_sh = sharding.state_shardings(opt_state, mesh)
+        self.opt_state = jax.device_put(opt_state, self.opt_sh)
+        self._step = jax.jit(functools.partial(train_step, self.graphdef, tx=tx),
+                             donate_argnums=(0, 2),
+                             out_shardings=(self.trainable_sh, self.opt_sh, None))
+
+    def step(self, images, labels) -> dict:
+        self.trainable, self.opt_state, out = self._step(self.trainable, self.rest,
+                                                         self.opt_state, images, labels)
+        return out
+
+    @property
+    def params(self) -> dict:
+        return {"trainable": self.trainable, "rest": self.rest}
+
+    def save(self, ckpt: checkpoint.Checkpointer, step: int) -> None:
+        ckpt.save(step, params=self.params, opt_state=self.opt_state)
+
+    def restore(self, ckpt: checkpoint.Checkpointer, step: int) -> None:
+        params, self.opt_state = ckpt.restore(
+            step, params={"trainable": checkpoint.abstract_like(self.trainable, self.trainable_sh),
+                          "rest": checkpoint.abstract_like(self.rest, self.rest_sh)},
+            opt_state=checkpoint.abstract_like(self.opt_state, self.opt_sh))
+        self.trainable, self.rest = params["trainable"], params["rest"]
+
+
+def run_dir(workdir: str, task: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "finetune", task)
+
+
+def restore_classifier(workdir: str, task: str, *, step: int | None = None):
+    """(Classifier, step) of a fine-tune run in `workdir` (latest checkpoint by default),
+    on one device, for inspection, maps or export."""
+    folder = run_dir(workdir, task)
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder}: no {RUN_FILE}; not a fine-tune run of task {task!r}")
+    with open(path) as f:
+        info = json.load(f)
+    pretrain_cfg = restore.load_pretrain_config(info["pretrain_workdir"])
+    pretrain_cfg.model.dtype = info["dtype"]
+    model, _, _ = restore.restore_model(info["pretrain_workdir"], cfg=pretrain_cfg)
+    graphdef, trainable, rest = nnx.split(Classifier(model.vision, info["num_classes"],
+                                                     rngs=nnx.Rngs(0)), trainable_filter(), ...)
+    ckpt = checkpoint.Checkpointer(os.path.join(folder, "checkpoints"), async_save=False)
+    step = step if step is not None else ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{folder}/checkpoints: no checkpoint")
+    target = {"trainable": trainable, "rest": rest}
+    rep = sharding.replicated(sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+    params, _ = ckpt.restore(step, params=checkpoint.abstract_like(target,
+                                                                   jax.tree.map(lambda _: rep, target)))
+    ckpt.close()
+    return nnx.merge(graphdef, params["trainable"], params["rest"]), step
