@@ -42,6 +42,7 @@ demo: $(VENV)/.core
 	$(PY) -m mama_jax.main --config=configs/zeroshot.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/extract.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/linear_probe.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/finetune.py:demo --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/maps.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/report.py --workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/export.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo

@@ -8,7 +8,8 @@ from 1e-5, cosine to 1e-5, 8000 steps, batch 36 (D12; the official run used 72),
 class-balanced sampling, the pretraining run's SimCLR augmentation, bf16 compute;
 the last weights are tested. Writes WORKDIR/finetune_<task>.json; checkpoints and
 metrics.jsonl under WORKDIR/finetune/<task>/ (a rerun resumes from there).
-Presets: `rsna` (task cancer), `test` (a few steps for the test suite).
+Presets: `rsna` (task cancer), `demo` (300 steps for make demo), `test` (a few steps
+for the test suite).
 """
 
 import ml_collections
@@ -39,6 +40,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.bootstrap = 1000        # resamples for the 95 % intervals (0 = none)
     if arg == "rsna":
         c.task = "cancer"
+    elif arg == "demo":  # make demo: the tiny demo tower on the synthetic set, on a CPU
+        c.steps = 300
+        c.optim.warmup_steps = 30
+        c.dtype = "float32"
+        c.num_threads = 4
+        c.log_every = 25
+        c.checkpoint_every = 100
+        c.bootstrap = 200
     elif arg == "test":
         c.task = "birads"
         c.steps = 4
@@ -51,5 +60,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_batch_size = 8
         c.bootstrap = 20
     elif arg:
-        raise ValueError(f"configs/finetune.py: unknown preset {arg!r} (known: rsna, test)")
+        raise ValueError(f"configs/finetune.py: unknown preset {arg!r} (known: rsna, demo, test)")
     return c

@@ -236,6 +236,11 @@ def _write_results(workdir):
                  "warnings": ["train sample at fraction 0.01 holds 2 of 4 classes"]},
         "1.0": {"eval": {"test": _summary(0.625, 0.9, cm, names),
                          "test_subset": _summary(0.6, 0.88, cm, names)}}}}}}
+    # finetune_<task>.json layout: tasks/<task>/eval/<split> = metrics.summary + "ci95".
+    fft = {"task": "density", "tasks": {"density": {"eval": {"test": {
+        **_summary(0.7, 0.91, cm, names), "ci95": {"balanced_accuracy": [0.65, 0.75]}}}}}}
+    with open(os.path.join(workdir, "finetune_density.json"), "w") as f:
+        json.dump(fft, f)
     with open(os.path.join(workdir, "zeroshot.json"), "w") as f:
         json.dump(zs, f)
     with open(os.path.join(workdir, "linear_probe.json"), "w") as f:
@@ -267,10 +272,12 @@ def test_report_tables_and_figures(tmp_path):
     result = report.run(report_config.get_config(), workdir)
     with open(os.path.join(workdir, "report.md")) as f:
         md = f.read()
-    # Table 2 layout: ZS, LP 1 %, 10 %, 100 % as "bACC [CI] / AUC [CI]" in %.
+    # Table 2 layout: ZS, LP 1 %, 10 %, 100 %, FFT as "bACC [CI] / AUC [CI]" in %.
     assert "| MaMA (this run) | 75.12 [60.00, 88.00] / 93.46 | 50.00 [41.00, 59.00] / 81.23 | " \
-           "not run | 62.50 / 90.00 |" in md
-    assert "| MaMA (paper) | 75.40 / 93.46 |" in md
+           "not run | 62.50 / 90.00 | 70.00 [65.00, 75.00] / 91.00 |" in md
+    assert "| MaMA (paper) | 75.40 / 93.46 | 76.26 / 93.11 | 78.11 / 93.62 | 78.09 / 93.65 | " \
+           "78.02 / 93.65 |" in md
+    assert "- finetune_<task>.json: tasks density" in md
     assert "| 100% | 62.50 / 90.00 | 60.00 / 88.00 |" in md  # the test subset is listed
     assert "- LP 1%: train sample at fraction 0.01 holds 2 of 4 classes" in md
     assert "EMBED BI-RADS" not in md  # no task results, no table
@@ -285,7 +292,8 @@ def test_report_tables_and_figures(tmp_path):
            "peak rank 2" in md
     assert "| The mass | 3 | 1.75 | 1.50 | 67% | 5% | 97.2 |" in md
     assert "![Impressions](maps/a.png)" in md and "skipped img2 / The mass: no sentence" in md
-    assert result["zeroshot_tasks"] == 1 and result["loss_curves"] == 1 and result["figures"] == 5
+    assert result["zeroshot_tasks"] == 1 and result["finetune_tasks"] == 1
+    assert result["loss_curves"] == 1 and result["figures"] == 5
 
 
 def test_report_without_probabilities_has_confusion_only(tmp_path):

@@ -3,6 +3,7 @@
 Reads (each optional; a missing one is reported as "not run"):
   zeroshot.json + zeroshot_<task>_<split>.npz  (zeroshot job; the npz gives ROC curves)
   linear_probe.json                           (linear_probe job)
+  finetune_<task>.json                        (finetune job: the FFT column)
   maps/maps.json                              (maps job)
   metrics.jsonl                               (pretraining losses: the workdir's own, else
                                                config.pretrain_workdir's, else that of the
@@ -40,6 +41,7 @@ PAPER_MAMA = {
     "density": ((75.40, 93.46), (76.26, 93.11), (78.11, 93.62), (78.09, 93.65)),
     "cancer": ((60.84, 63.55), None, None, (67.50, 73.99)),
 }
+PAPER_MAMA_FFT = {"birads": (40.31, 77.36), "density": (78.02, 93.65), "cancer": (65.20, 73.01)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -70,6 +72,14 @@ def _block(entry) -> tuple[dict, dict]:
     metrics = entry.get("metrics", entry)
     ci = entry.get("ci") or metrics.get("ci") or metrics.get("ci95") or {}
     return (metrics if isinstance(metrics, dict) else {}), (ci if isinstance(ci, dict) else {})
+
+
+def _fft_results(workdir: str) -> dict:
+    """{task: entry} of the finetune job's finetune_<task>.json files."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "finetune_*.json"))):
+        out.update(_tasks(_load_json(path)))
+    return out
 
 
 def _fraction_percent(key) -> float | None:
@@ -163,25 +173,29 @@ def _rel(path: str, workdir: str) -> str:
     return os.path.relpath(path, workdir) if path.startswith(os.path.abspath(workdir) + os.sep) else path
 
 
-def _results_tables(zs: dict, lp: dict) -> list[str]:
+def _results_tables(zs: dict, lp: dict, fft: dict) -> list[str]:
     out = ["## Results", "",
            "bACC / AUC in %, 95 % bootstrap intervals in brackets. LP = linear probe on "
-           "that share of the training data, evaluated on the test split. MaMA (paper): "
+           "that share of the training data, FFT = full fine-tune (last weights), both "
+           "evaluated on the test split. MaMA (paper): "
            "arXiv 2409.18119v2 on full EMBED (RSNA for cancer) at 518 px, a reference point "
            "that a small run is not expected to reach.", ""]
     for task in captions.TASKS:
-        if task not in zs and task not in lp:
+        if task not in zs and task not in lp and task not in fft:
             continue
         fractions = _lp_fractions(lp.get(task, {}))
         row = [METHOD, bacc_auc(zs[task]) if task in zs else NOT_RUN]
         for f in LP_FRACTIONS:
             entry = _lp_split(fractions[f]) if f in fractions else None
             row.append(bacc_auc(entry) if entry else NOT_RUN)
+        fft_entry = _lp_split(fft[task]) if task in fft else None
+        row.append(bacc_auc(fft_entry) if fft_entry else NOT_RUN)
         rows = [row]
         if task in PAPER_MAMA:
+            paper = PAPER_MAMA[task] + (PAPER_MAMA_FFT.get(task),)
             rows.append(["MaMA (paper)"] + [f"{c[0]:.2f} / {c[1]:.2f}" if c else "-"
-                                            for c in PAPER_MAMA[task]])
-        header = ["Method", "ZS"] + [f"LP {f}%" for f in LP_FRACTIONS]
+                                            for c in paper])
+        header = ["Method", "ZS"] + [f"LP {f}%" for f in LP_FRACTIONS] + ["FFT"]
         out += [f"### {TASK_TITLES[task]}", ""] + _table(header, rows) + [""]
         extra = sorted(set(fractions) - set(LP_FRACTIONS))
         subset = [(f, _lp_split(fractions[f], SUBSET_SPLITS)) for f in sorted(fractions)]
@@ -196,13 +210,14 @@ def _results_tables(zs: dict, lp: dict) -> list[str]:
         if notes:
             out += ["Linear-probe warnings:", ""] + notes + [""]
         if task == "cancer":
-            out += _binary_rows(zs.get(task), fractions.get(100.0))
+            out += _binary_rows(zs.get(task), fractions.get(100.0), fft_entry)
     return out
 
 
-def _binary_rows(zs_entry, lp_entry) -> list[str]:
+def _binary_rows(zs_entry, lp_entry, fft_entry) -> list[str]:
     rows = []
-    for name, entry in (("ZS", zs_entry), ("LP 100%", _lp_split(lp_entry) if lp_entry else None)):
+    for name, entry in (("ZS", zs_entry), ("LP 100%", _lp_split(lp_entry) if lp_entry else None),
+                        ("FFT", fft_entry)):
         metrics, _ = _block(entry)
         rows.append([name] + [pct(metrics.get(k)) if metrics else NOT_RUN
                               for k in ("sensitivity", "specificity", "ppv", "npv", "f1")])
@@ -319,12 +334,13 @@ def run(cfg, workdir: str) -> dict:
     lp_json = _load_json(os.path.join(workdir, "linear_probe.json"))
     maps_json = _load_json(os.path.join(workdir, "maps", "maps.json"))
     metrics_path = find_metrics_jsonl(workdir, cfg.get("pretrain_workdir", ""))
-    zs, lp = _tasks(zs_json), _tasks(lp_json)
+    zs, lp, fft = _tasks(zs_json), _tasks(lp_json), _fft_results(workdir)
 
     lines = [f"# {cfg.get('title', '') or 'MaMA evaluation report'}", "", "## Inputs", ""]
     for name, present, what in (
             ("zeroshot.json", zs_json is not None, f"tasks {', '.join(zs) or 'none'}"),
             ("linear_probe.json", lp_json is not None, f"tasks {', '.join(lp) or 'none'}"),
+            ("finetune_<task>.json", bool(fft), f"tasks {', '.join(fft)}"),
             ("maps/maps.json", maps_json is not None,
              f"{len((maps_json or {}).get('maps', []))} maps"),
             ("metrics.jsonl (pretraining)", metrics_path is not None, metrics_path or "")):
@@ -335,10 +351,11 @@ def run(cfg, workdir: str) -> dict:
             lines.append(f"- {label}: {zs_json[key]}")
     lines.append("")
 
-    if zs or lp:
-        lines += _results_tables(zs, lp) + _per_class(zs, lp)
+    if zs or lp or fft:
+        lines += _results_tables(zs, lp, fft) + _per_class(zs, lp)
     else:
-        lines += ["## Results", "", f"Zero-shot: {NOT_RUN}. Linear probe: {NOT_RUN}.", ""]
+        lines += ["## Results", "", f"Zero-shot: {NOT_RUN}. Linear probe: {NOT_RUN}. "
+                  f"Fine-tune: {NOT_RUN}.", ""]
     lines += _figures(zs_json, zs, lp, workdir, fig_dir)
 
     lines += ["## Pretraining losses", ""]
@@ -360,5 +377,6 @@ def run(cfg, workdir: str) -> dict:
         f.write("\n".join(lines))
     figures = sorted(glob.glob(os.path.join(fig_dir, "*.png")))
     return {"report": path, "zeroshot_tasks": len(zs), "linear_probe_tasks": len(lp),
+            "finetune_tasks": len(fft),
             "maps": len((maps_json or {}).get("maps", [])), "loss_curves": int(loss_path is not None),
             "figures": len(figures)}
