@@ -131,7 +131,7 @@ class _Window:
         return out
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM / SIGINT set a flag; the loop saves and exits after the current step."""
 
     def __init__(self):
@@ -187,7 +187,7 @@ def train(cfg, workdir: str) -> dict:
     bar = tqdm(total=steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=proc != 0)
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             for step in range(start, steps):
                 t0 = time.perf_counter()
                 batch = next(iterator)

@@ -1,7 +1,6 @@
 """Scale-out: 2 processes x 4 CPU devices == 1 process x 8, checkpoints across
 topologies, and a dead process stops its peer (issue: multi-process scale-out)."""
 
-import json
 import os
 import socket
 import subprocess

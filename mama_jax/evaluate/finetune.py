@@ -29,8 +29,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from mama_jax import captions, checkpoint, data, factory, metrics as run_metrics, sharding, train
-from mama_jax.evaluate import (balanced_sampler, extract, finetune_model, linear_probe, metrics,
-                               restore, zeroshot)
+from mama_jax.evaluate import (balanced_sampler, extract, finetune_model, metrics, restore,
+                               zeroshot)
 
 CI_METRICS = ("balanced_accuracy", "auc")
 # Must match on a resume (same batches from the same start); run.json also records the rest.
@@ -137,12 +137,12 @@ def _train(cfg, state, ckpt, batches, mesh, folder: str, start: int) -> str | No
     bar = tqdm(total=cfg.steps, initial=start, desc=f"finetune {cfg.task}", unit="step",
                disable=jax.process_index() != 0)
     try:
-        with train._StopFlag() as stop:
+        with train.StopFlag() as stop:
             for step in range(start, cfg.steps):
                 batch = sharding.shard_batch(next(batches), mesh)
                 out = state.step(batch["image"], batch["label"])
                 # Scalars only; the sync means a bad step never reaches a checkpoint.
-                values = {k: float(v) for k, v in jax.device_get(out).items()}
+                values = sharding.local_scalars(out)
                 if not math.isfinite(values["loss"]):
                     raise train.NonFiniteLossError(
                         f"finetune {cfg.task} step {step + 1}: loss is {values['loss']}; stopped "
@@ -156,11 +156,13 @@ def _train(cfg, state, ckpt, batches, mesh, folder: str, start: int) -> str | No
                     writer.write(done, dict(means, lr=float(lr_at(step))))
                     bar.set_postfix(loss=f"{means['loss']:.4f}")
                     window = []
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.signal:
+                stopping = sharding.any_process(stop.signal is not None)  # all hosts save together
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                     state.save(ckpt, done)
-                if stop.signal:
-                    bar.write(f"{stop.signal}: saved step {done}, exiting before the test")
-                    return stop.signal
+                if stopping:
+                    bar.write(f"{stop.signal or 'stop on another process'}: saved step {done}, "
+                              "exiting before the test")
+                    return stop.signal or "stop on another process"
     finally:
         bar.close()
         writer.close()
@@ -228,7 +230,7 @@ def run(cfg, workdir: str) -> dict:
     headline = {f"{task}/fft/{name}/{short}": ev[m] for name, ev in evals.items()
                 for short, m in (("bacc", "balanced_accuracy"), ("auc", "auc"))}
     known_train = train_labels[train_labels >= 0]
-    result = linear_probe._json_safe({
+    result = metrics.json_safe({
         **headline, "task": task, "step": int(cfg.steps), "pretrain_step": int(pretrain_step),
         "pretrain_workdir": cfg.pretrain_workdir, "dataset_dir": data_cfg.dataset_dir,
         "train_split": cfg.train_split, "eval_split": cfg.eval_split, "run_dir": folder,

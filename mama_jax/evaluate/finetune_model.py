@@ -93,7 +93,8 @@ class State:
         self.opt_state = jax.device_put(opt_state, self.opt_sh)
         self._step = jax.jit(functools.partial(train_step, self.graphdef, tx=tx),
                              donate_argnums=(0, 2),
-                             out_shardings=(self.trainable_sh, self.opt_sh, None))
+                             out_shardings=(self.trainable_sh, self.opt_sh,
+                                            sharding.replicated(mesh)))
 
     def step(self, images, labels) -> dict:
         self.trainable, self.opt_state, out = self._step(self.trainable, self.rest,

@@ -215,19 +215,6 @@ def predict_proba(params: dict, x) -> np.ndarray:
 # ----------------------------------------------------------------------------- job
 
 
-def _json_safe(obj):
-    """NaN/inf -> null (strict JSON); numpy scalars and tuples -> plain Python."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def _task_labels(data: dict, task: str, num_classes: int, path: str) -> np.ndarray:
     labels = data[task].astype(np.int64)
     if not (labels >= 0).any():
@@ -330,7 +317,7 @@ def run(cfg, workdir: str) -> dict:
                          frac_out["eval"]["test"]["balanced_accuracy"], frac_out["eval"]["test"]["auc"])
             task_out["fractions"][str(fraction)] = frac_out
         result["tasks"][task] = task_out
-    result = _json_safe({**headline, **result})
+    result = metrics.json_safe({**headline, **result})
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULT_FILE)
     with open(f"{path}.tmp", "w") as f:

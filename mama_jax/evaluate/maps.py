@@ -26,6 +26,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from data_prep import schema  # noqa: E402  (the record contract: roi_boxes)
 from mama_jax import captions, data, losses  # noqa: E402
 from mama_jax.augment import canvas_layout, eval_geometry, eval_transform  # noqa: E402
 from mama_jax.evaluate import extract, restore  # noqa: E402
@@ -165,17 +166,7 @@ def record_boxes(record) -> list[tuple[int, int, int, int]]:
     [] when it has none, or when the dataset was built before records carried roi_boxes.
     """
     text = _text(record["roi_boxes"]).strip() if "roi_boxes" in record else ""
-    boxes = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        try:
-            box = tuple(int(v) for v in part.split(","))
-        except ValueError:
-            box = ()
-        if len(box) != 4 or min(box) < 0 or box[2] <= box[0] or box[3] <= box[1]:
-            raise ValueError(f"record field roi_boxes {text!r}: box {part!r} is not "
-                             f"'y0,x0,y1,x1' with 0 <= y0 < y1 and 0 <= x0 < x1")
-        boxes.append(box)
-    return boxes
+    return schema.parse_boxes(text, where=f"record field roi_boxes {text!r}")
 
 
 def canvas_boxes(boxes, image_shape: tuple[int, int], size: int) -> list[tuple[int, int, int, int]]:

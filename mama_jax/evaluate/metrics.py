@@ -10,6 +10,8 @@ images), so 1000 resamples of a 7k-image test set take seconds, not minutes.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
@@ -199,3 +201,19 @@ def bootstrap_ci(y_true, probs, metric: str, *, n_boot: int = 1000, seed: int = 
         return float("nan"), float("nan")
     lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
+
+
+def json_safe(x):
+    """Results -> strict JSON values: numpy -> Python, tuples -> lists, NaN/inf -> null
+    (e.g. the AUC of a split where one class is present)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

@@ -175,20 +175,6 @@ def prompt_max_length(cfg, pretrain_cfg, model) -> int:
     return max_length
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None  # strict JSON has no NaN (e.g. AUC with one class present)
-    return x
-
-
 def evaluate_task(task: str, labels: np.ndarray, arrays: dict, records: list[dict], model, tok,
                   cfg, max_length: int, logit_scale: float, cache: dict) -> tuple[dict, dict]:
     """(result entry, per-image arrays) of one task on the extracted split."""
@@ -260,7 +246,7 @@ def run(cfg, workdir: str) -> dict:
                             "class sentences may be cut); consider config.max_length", task,
                             entry["truncated_prompts"], max_length)
     with open(os.path.join(workdir, "zeroshot.json"), "w") as f:
-        json.dump(_jsonable(result), f, indent=2)
+        json.dump(metrics.json_safe(result), f, indent=2)
     for task, entry in result["tasks"].items():  # flat figures for the command-line summary
         for name in CI_METRICS:
             result[f"{task}/{name}"] = float(entry["metrics"][name])
