@@ -8,12 +8,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import demo
-from mama_jax import checkpoint, data, factory, sharding, train
+from mama_jax import checkpoint, data, factory, optim, sharding, train
 from mama_jax.models import mama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,3 +175,22 @@ def test_unknown_config_key_is_rejected(tmp_path):
                           cwd=ROOT, capture_output=True, timeout=120)
     assert proc.returncode != 0
     assert b"learning_rate" in proc.stderr
+
+
+def test_grad_accumulation_applies_the_mean_gradient_every_k_steps():
+    cfg = demo.get_config("test")
+    params = {"w": jnp.asarray([0.5, -1.0, 2.0]), "bias": jnp.zeros(3)}
+    grads = [{"w": jnp.asarray([1.0, 2.0, 3.0]), "bias": jnp.ones(3)},
+             {"w": jnp.asarray([3.0, 0.0, -1.0]), "bias": -jnp.ones(3)}]
+    cfg.optim.grad_accum = 1
+    plain = optim.make_optimizer(cfg.optim, params)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+    expected, _ = plain.update(mean, plain.init(params), params)
+    cfg.optim.grad_accum = 2
+    accum = optim.make_optimizer(cfg.optim, params)
+    state = accum.init(params)
+    first, state = accum.update(grads[0], state, params)
+    assert all(not np.any(u) for u in jax.tree.leaves(first))  # nothing moves mid-accumulation
+    second, state = accum.update(grads[1], state, params)
+    for got, want in zip(jax.tree.leaves(second), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
