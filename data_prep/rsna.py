@@ -12,12 +12,10 @@ validation = 10 % of the train+validation patients -> train .765 / validation
 
 from __future__ import annotations
 
-import os
 
 from data_prep import schema, splits
-from data_prep.tables import (TableError, check_unique_ids, choose_image_root, clean_id,
-                              clean_laterality, clean_text, load_table, parse_int,
-                              parse_number)
+from data_prep.tables import (TableError, clean_laterality, clean_text, image_table_rows,
+                              parse_int, parse_number)
 
 TRAIN_FILE = "train.csv"
 TRAIN_COLUMNS = ("patient_id", "image_id", "laterality", "view", "age", "cancer",
@@ -61,25 +59,11 @@ def cancer_of(value, where: str = TRAIN_FILE) -> int:
 def load_rows(tables_dir: str, images_dir: str, *, splits_file: str,
               seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(rows, dropped) for every image of train.csv; images lacking an id are dropped."""
-    path, df = load_table(tables_dir, TRAIN_FILE, TRAIN_COLUMNS)
-    name = os.path.basename(path)
-    records = [dict(zip(TRAIN_COLUMNS, values))
-               for values in zip(*(df[c].tolist() for c in TRAIN_COLUMNS))]
-    image_ids = [clean_id(r["image_id"]) for r in records]
-    patient_ids = [clean_id(r["patient_id"]) for r in records]
-    check_unique_ids(image_ids, path)
-    relative = [f"{p}/{i}.dcm" if p and i else "" for p, i in zip(patient_ids, image_ids)]
-    root = choose_image_root([os.path.join(images_dir, "train_images"), images_dir], relative)
-
-    rows, dropped = [], []
-    for n, (rec, image_id, patient_id, rel) in enumerate(
-            zip(records, image_ids, patient_ids, relative)):
-        dicom_path = os.path.abspath(os.path.join(root, rel)) if rel else ""
-        if not image_id or not patient_id:
-            dropped.append({"image_id": image_id or f"{name}:row{n}", "dicom_path": dicom_path,
-                            "reason": "patient_id or image_id missing"})
-            continue
-        where = f"{name} image {image_id}"
+    name, kept, dropped = image_table_rows(tables_dir, images_dir, file=TRAIN_FILE,
+                                           columns=TRAIN_COLUMNS, group_column="patient_id",
+                                           suffix=".dcm", image_subdir="train_images")
+    rows = []
+    for rec, image_id, patient_id, dicom_path, where in kept:
         age = parse_int(rec["age"])
         row = schema.empty_row()
         row.update(patient_id=patient_id, study_id=patient_id, image_id=image_id,

@@ -171,3 +171,31 @@ def check_unique_ids(ids: Sequence[str], path: str, what: str = "image_id") -> N
     if dup:
         shown = ", ".join(dup[:5]) + (" ..." if len(dup) > 5 else "")
         raise TableError(f"{os.path.basename(path)}: {len(dup)} duplicated {what}(s): {shown}")
+
+
+def image_table_rows(tables_dir: str, images_dir: str, *, file: str, columns: Sequence[str],
+                     group_column: str, suffix: str, image_subdir: str):
+    """Walk a one-row-per-image table whose DICOMs live at <group>/<image_id><suffix>.
+
+    Returns (file name, kept, dropped): kept holds (record, image_id, group_id,
+    dicom_path, where) per usable row; a row lacking either id is dropped with its
+    reason (the batch job accounts for every input). Images are looked for under
+    images_dir/image_subdir, else images_dir itself.
+    """
+    path, df = load_table(tables_dir, file, columns)
+    name = os.path.basename(path)
+    records = [dict(zip(columns, values)) for values in zip(*(df[c].tolist() for c in columns))]
+    image_ids = [clean_id(r["image_id"]) for r in records]
+    group_ids = [clean_id(r[group_column]) for r in records]
+    check_unique_ids(image_ids, path)
+    relative = [f"{g}/{i}{suffix}" if g and i else "" for g, i in zip(group_ids, image_ids)]
+    root = choose_image_root([os.path.join(images_dir, image_subdir), images_dir], relative)
+    kept, dropped = [], []
+    for n, (rec, image_id, group_id, rel) in enumerate(zip(records, image_ids, group_ids, relative)):
+        dicom_path = os.path.abspath(os.path.join(root, rel)) if rel else ""
+        if not image_id or not group_id:
+            dropped.append({"image_id": image_id or f"{name}:row{n}", "dicom_path": dicom_path,
+                            "reason": f"{group_column} or image_id missing"})
+            continue
+        kept.append((rec, image_id, group_id, dicom_path, f"{name} image {image_id}"))
+    return name, kept, dropped

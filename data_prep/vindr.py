@@ -10,12 +10,10 @@ calcification fields are unknown here; finding_annotations.csv is not read.
 
 from __future__ import annotations
 
-import os
 import re
 
 from data_prep import schema, splits
-from data_prep.tables import (TableError, check_unique_ids, choose_image_root, clean_id,
-                              clean_laterality, clean_text, load_table)
+from data_prep.tables import TableError, clean_laterality, clean_text, image_table_rows
 
 ANNOTATION_FILE = "breast-level_annotations.csv"
 ANNOTATION_COLUMNS = ("study_id", "image_id", "laterality", "view_position", "breast_birads",
@@ -59,25 +57,11 @@ def official_split_of(value, where: str = ANNOTATION_FILE) -> str:
 def load_rows(tables_dir: str, images_dir: str, *, splits_file: str,
               seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(rows, dropped) for every image of breast-level_annotations.csv."""
-    path, df = load_table(tables_dir, ANNOTATION_FILE, ANNOTATION_COLUMNS)
-    name = os.path.basename(path)
-    records = [dict(zip(ANNOTATION_COLUMNS, values))
-               for values in zip(*(df[c].tolist() for c in ANNOTATION_COLUMNS))]
-    image_ids = [clean_id(r["image_id"]) for r in records]
-    study_ids = [clean_id(r["study_id"]) for r in records]
-    check_unique_ids(image_ids, path)
-    relative = [f"{s}/{i}.dicom" if s and i else "" for s, i in zip(study_ids, image_ids)]
-    root = choose_image_root([os.path.join(images_dir, "images"), images_dir], relative)
-
-    rows, dropped = [], []
-    for n, (rec, image_id, study_id, rel) in enumerate(
-            zip(records, image_ids, study_ids, relative)):
-        dicom_path = os.path.abspath(os.path.join(root, rel)) if rel else ""
-        if not image_id or not study_id:
-            dropped.append({"image_id": image_id or f"{name}:row{n}", "dicom_path": dicom_path,
-                            "reason": "study_id or image_id missing"})
-            continue
-        where = f"{name} image {image_id}"
+    name, kept, dropped = image_table_rows(tables_dir, images_dir, file=ANNOTATION_FILE,
+                                           columns=ANNOTATION_COLUMNS, group_column="study_id",
+                                           suffix=".dicom", image_subdir="images")
+    rows = []
+    for rec, image_id, study_id, dicom_path, where in kept:
         row = schema.empty_row()
         row.update(patient_id=study_id, study_id=study_id, image_id=image_id,
                    laterality=clean_laterality(rec["laterality"]),
