@@ -153,7 +153,16 @@ def measure(cfg, tok, args, batch: int) -> dict:
         out = run.step(global_batch, step, jax.random.fold_in(key, i + 1))
     loss = float(jax.block_until_ready(out)["total"])
     step_s = (time.perf_counter() - t0) / args.steps
-    return dict(flops, batch=batch, build_s=build_s, first_s=first_s, step_s=step_s, loss=loss)
+    return dict(flops, batch=batch, build_s=build_s, first_s=first_s, step_s=step_s, loss=loss,
+                peak_gib=peak_memory_gib())
+
+
+def peak_memory_gib() -> float | None:
+    """The most memory device 0 has held so far (GPU/TPU; None where the backend has no
+    statistics, as on CPU): compare with benchmarks/memory_plan.py."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2**30 if peak is not None else None
 
 
 def print_flops(r: dict, tok) -> None:
@@ -221,9 +230,11 @@ def main() -> None:
             break
         achieved = r["total"] * batch / r["step_s"] / n_dev
         mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (pass --peak-flops)"
+        memory = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
         print(f"batch {batch}: {batch / r['step_s']:.3g} samples/s, step {r['step_s'] * 1e3:.0f} ms "
               f"(compile+first {r['first_s']:.1f} s, build {r['build_s']:.1f} s), "
-              f"{si(achieved)}FLOP/s/device, MFU {mfu}, loss {r['loss']:.3f}")
+              f"{si(achieved)}FLOP/s/device, MFU {mfu}, loss {r['loss']:.3f}, "
+              f"peak memory {memory} on device 0")
         best = r
     print_flops(best, tok)
 

@@ -1,0 +1,14 @@
+#!/bin/bash
+# The device check to run when a session has a GPU (about 10 minutes on one H100/H200):
+# the paper-size step (ViT-B/14-reg @518 + BioMedLM-size decoder, bf16, remat) at two
+# batch sizes, with samples/s, MFU and the peak memory of device 0, next to the memory
+# that benchmarks/memory_plan.py computes for the same run.
+#   bash benchmarks/gpu_check.sh            (PY=path/to/python to pick the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+$PY benchmarks/memory_plan.py --devices 1 --gpu-gb 80 --xla-check none
+for batch in 16 48; do
+  $PY benchmarks/train_step.py --batch "$batch" --steps 5
+done
