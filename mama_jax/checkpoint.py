@@ -16,6 +16,7 @@ import re
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,8 +39,14 @@ def _plain_saves_on_cpu() -> None:
     global _PLAIN_SAVES
     if not _PLAIN_SAVES and jax.default_backend() == "cpu":
         _PLAIN_SAVES = True
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity(logging.ERROR)  # Orbax warns on every override of a handler
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                override=True)
+        finally:
+            logging.set_verbosity(verbosity)
 
 
 class Checkpointer:
