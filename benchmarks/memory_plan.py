@@ -190,17 +190,25 @@ def residual_bytes(fn, *args) -> int:
     return total
 
 
-def _forward_residuals(mcfg, b: int, image_size: int, max_length: int) -> int:
-    """Saved residuals of MaMA's training forward (dropout on), gradients to what trains."""
+def _training_forward(mcfg):
+    """(f(trainable, rest, batch) -> a scalar of every embedding, trainable, rest): MaMA's
+    training forward (dropout on) on an abstract model, frozen state behind stop_gradient."""
     model = nnx.eval_shape(lambda: mama.MaMA(mcfg, rngs=nnx.Rngs(0)))
     graphdef, trainable, rest = nnx.split(model, mama.trainable_filter(mcfg), ...)
 
-    def f(batch, trainable, rest):
+    def f(trainable, rest, batch):
         m = nnx.merge(graphdef, trainable, jax.lax.stop_gradient(rest))
         emb = m(batch, train=True, rngs=nnx.Rngs(dropout=0))
         return sum(jnp.sum(v.astype(jnp.float32)) for k, v in emb.items() if k != "sent_mask")
 
-    return residual_bytes(f, batch_spec(b, image_size, max_length), trainable, rest)
+    return f, trainable, rest
+
+
+def _forward_residuals(mcfg, b: int, image_size: int, max_length: int) -> int:
+    """Saved residuals of MaMA's training forward, gradients to what trains."""
+    f, trainable, rest = _training_forward(mcfg)
+    return residual_bytes(lambda batch, t, r: f(t, r, batch),
+                          batch_spec(b, image_size, max_length), trainable, rest)
 
 
 def block_residuals(mcfg, image_size: int, max_length: int) -> dict:
@@ -357,15 +365,7 @@ def xla_check(state: AbstractState, image_size: int, max_length: int, batch: int
               remat: bool = True) -> dict:
     """Compile MaMA's training forward + backward (gradients of what trains) on this host and
     compare XLA's temp bytes with the activation formula at the same size."""
-    mc = with_remat(state.mcfg, remat)
-    model = nnx.eval_shape(lambda: mama.MaMA(mc, rngs=nnx.Rngs(0)))
-    graphdef, trainable, rest = nnx.split(model, mama.trainable_filter(mc), ...)
-
-    def loss(trainable, rest, batch):
-        m = nnx.merge(graphdef, trainable, jax.lax.stop_gradient(rest))
-        emb = m(batch, train=True, rngs=nnx.Rngs(dropout=0))
-        return sum(jnp.sum(v.astype(jnp.float32)) for k, v in emb.items() if k != "sent_mask")
-
+    loss, trainable, rest = _training_forward(with_remat(state.mcfg, remat))
     t0 = time.perf_counter()
     compiled = jax.jit(jax.grad(loss)).lower(trainable, rest, batch_spec(batch, image_size, max_length)).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
