@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax import checkpoint, data, factory, losses, metrics, optim, sharding
+from mama_jax import checkpoint, data, factory, losses, metrics, optim, sharding, train_state
 from mama_jax.models import mama
 from mama_jax.models.lora import lora_value_and_grad
 
@@ -54,36 +54,23 @@ def train_step(graphdef, trainable, rest, opt_state, batch, step, dropout_key, *
     return trainable, rest, opt_state, out
 
 
-class Run:
-    """The sharded training state and its jitted step (graphdef + three pytrees)."""
-
-    def __init__(self, graphdef, trainable, rest, opt_state, shardings, step_fn):
-        self.graphdef, self.trainable, self.rest, self.opt_state = graphdef, trainable, rest, opt_state
-        self.shardings, self._step_fn = shardings, step_fn
+class Run(train_state.ShardedState):
+    """The sharded training state (graphdef + three pytrees) and its jitted step."""
 
     @classmethod
     def create(cls, cfg, model, mesh) -> "Run":
         graphdef, trainable, rest = nnx.split(model, mama.trainable_filter(model.cfg), ...)
         tx = optim.make_optimizer(cfg.optim, trainable, local_group=mama.LOCAL_GROUP,
                                   local_start=cfg.loss.delta)
-        trainable_sh = sharding.state_shardings(trainable, mesh)
-        rest_sh = sharding.state_shardings(rest, mesh)
-        trainable = jax.device_put(trainable, trainable_sh)
-        rest = jax.device_put(rest, rest_sh)
-        opt_state = jax.jit(tx.init)(trainable)
-        opt_sh = sharding.state_shardings(opt_state, mesh)
-        opt_state = jax.device_put(opt_state, opt_sh)
-        step_fn = jax.jit(
+        run = cls(trainable, rest, tx, mesh)
+        run.graphdef = graphdef
+        run._step_fn = jax.jit(
             functools.partial(train_step, graphdef, tx=tx, delta=cfg.loss.delta,
                               nt_xent_temperature=cfg.loss.nt_xent_temperature,
                               options=factory.loss_options(cfg), mesh=mesh),
             donate_argnums=(0, 1, 2),
-            out_shardings=(trainable_sh, rest_sh, opt_sh, sharding.replicated(mesh)))
-        return cls(graphdef, trainable, rest, opt_state, (trainable_sh, rest_sh, opt_sh), step_fn)
-
-    @property
-    def params(self) -> dict:
-        return {"trainable": self.trainable, "rest": self.rest}
+            out_shardings=(run.trainable_sh, run.rest_sh, run.opt_sh, sharding.replicated(mesh)))
+        return run
 
     def model(self):
         return nnx.merge(self.graphdef, self.trainable, self.rest)
@@ -99,14 +86,6 @@ class Run:
             self.trainable, self.rest, self.opt_state, global_batch,
             jnp.asarray(opt_step, jnp.int32), dropout_key)
         return out
-
-    def restore(self, ckpt: checkpoint.Checkpointer, step: int, iterator=None) -> None:
-        trainable_sh, rest_sh, opt_sh = self.shardings
-        params, self.opt_state = ckpt.restore(
-            step, params={"trainable": checkpoint.abstract_like(self.trainable, trainable_sh),
-                          "rest": checkpoint.abstract_like(self.rest, rest_sh)},
-            opt_state=checkpoint.abstract_like(self.opt_state, opt_sh), data_iterator=iterator)
-        self.trainable, self.rest = params["trainable"], params["rest"]
 
 
 class _Window:
@@ -182,7 +161,7 @@ def train(cfg, workdir: str) -> dict:
     window = _Window()
 
     def save(step):
-        ckpt.save(step, params=run.params, opt_state=run.opt_state, data_iterator=iterator)
+        run.save(ckpt, step, iterator)
 
     bar = tqdm(total=steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=proc != 0)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mama_jax import checkpoint, factory, optim, sharding
+from mama_jax import checkpoint, factory, optim, sharding, train_state
 from mama_jax.evaluate import restore
 from mama_jax.models import mama
 from mama_jax.models.vit import VisionTransformer
@@ -79,18 +79,12 @@ def data_parallel_mesh(batch_size: int):
     return sharding.make_mesh(n, 1, devices=devices[:n])
 
 
-class State:
-    """Sharded trainable / frozen parameters, optimiser state and the jitted step."""
+class State(train_state.ShardedState):
+    """The classifier's sharded parameters and optimiser state, and its jitted step."""
 
     def __init__(self, net: Classifier, tx: optax.GradientTransformation, mesh):
         self.graphdef, trainable, rest = nnx.split(net, trainable_filter(), ...)
-        self.trainable_sh = sharding.state_shardings(trainable, mesh)
-        self.rest_sh = sharding.state_shardings(rest, mesh)
-        self.trainable = jax.device_put(trainable, self.trainable_sh)
-        self.rest = jax.device_put(rest, self.rest_sh)
-        opt_state = jax.jit(tx.init)(self.trainable)
-        self.opt_sh = sharding.state_shardings(opt_state, mesh)
-        self.opt_state = jax.device_put(opt_state, self.opt_sh)
+        super().__init__(trainable, rest, tx, mesh)
         self._step = jax.jit(functools.partial(train_step, self.graphdef, tx=tx),
                              donate_argnums=(0, 2),
                              out_shardings=(self.trainable_sh, self.opt_sh,
@@ -100,20 +94,6 @@ class State:
         self.trainable, self.opt_state, out = self._step(self.trainable, self.rest,
                                                          self.opt_state, images, labels)
         return out
-
-    @property
-    def params(self) -> dict:
-        return {"trainable": self.trainable, "rest": self.rest}
-
-    def save(self, ckpt: checkpoint.Checkpointer, step: int) -> None:
-        ckpt.save(step, params=self.params, opt_state=self.opt_state)
-
-    def restore(self, ckpt: checkpoint.Checkpointer, step: int) -> None:
-        params, self.opt_state = ckpt.restore(
-            step, params={"trainable": checkpoint.abstract_like(self.trainable, self.trainable_sh),
-                          "rest": checkpoint.abstract_like(self.rest, self.rest_sh)},
-            opt_state=checkpoint.abstract_like(self.opt_state, self.opt_sh))
-        self.trainable, self.rest = params["trainable"], params["rest"]
 
 
 def run_dir(workdir: str, task: str) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mama_jax.models import config_dict
 from mama_jax.models.lora import LoRAConfig, dropout, make_linear
 
 ACTIVATIONS = {
@@ -112,20 +113,14 @@ def text_config(name: str, **overrides) -> TextConfig:
 
 def text_config_to_dict(cfg: TextConfig) -> dict:
     """JSON-friendly dict (dtypes as names, LoRA as a nested dict)."""
-    out = dataclasses.asdict(cfg)
-    out["dtype"] = jnp.dtype(cfg.dtype).name
-    out["param_dtype"] = jnp.dtype(cfg.param_dtype).name
+    out = config_dict.to_dict(cfg)
     if cfg.lora is not None:
         out["lora"] = dict(dataclasses.asdict(cfg.lora), targets=list(cfg.lora.targets))
     return out
 
 
 def text_config_from_dict(d: dict) -> TextConfig:
-    known = {f.name for f in dataclasses.fields(TextConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"text config: unknown field(s) {unknown}")
-    d = dict(d)
+    d = config_dict.known_fields(TextConfig, d, "text config")
     if d.get("lora") is not None and not isinstance(d["lora"], LoRAConfig):
         lora = dict(d["lora"])
         lora["targets"] = tuple(lora.get("targets", ("c_attn",)))
@@ -162,15 +157,19 @@ def attention_with_dropout(q, k, v, key_mask, scale: float, rate: float, key) ->
     return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
 
 
+def _linear(cfg: TextConfig, name: str, d_in: int, d_out: int, rngs: nnx.Rngs, *,
+            residual: bool = False):
+    """A (LoRA-capable) GPT-2 Linear; residual projections start scaled by 1/sqrt(2 n_layer)."""
+    std = 0.02 / np.sqrt(2 * cfg.layers) if residual else 0.02
+    return make_linear(name, d_in, d_out, kernel_init=nnx.initializers.normal(std), lora=cfg.lora,
+                       dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        init = nnx.initializers.normal(0.02)
-        # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) at init.
-        proj_init = nnx.initializers.normal(0.02 / np.sqrt(2 * cfg.layers))
-        common = dict(lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.c_attn = make_linear("c_attn", cfg.hidden, 3 * cfg.hidden, kernel_init=init, **common)
-        self.c_proj = make_linear("attn_c_proj", cfg.hidden, cfg.hidden, kernel_init=proj_init, **common)
+        self.c_attn = _linear(cfg, "c_attn", cfg.hidden, 3 * cfg.hidden, rngs)
+        self.c_proj = _linear(cfg, "attn_c_proj", cfg.hidden, cfg.hidden, rngs, residual=True)
 
     def __call__(self, x, key_mask, layer_scale, *, deterministic: bool, key=None):
         cfg = self.cfg
@@ -194,11 +193,8 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        init = nnx.initializers.normal(0.02)
-        proj_init = nnx.initializers.normal(0.02 / np.sqrt(2 * cfg.layers))
-        common = dict(lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.c_fc = make_linear("c_fc", cfg.hidden, cfg.inner_dim, kernel_init=init, **common)
-        self.c_proj = make_linear("mlp_c_proj", cfg.inner_dim, cfg.hidden, kernel_init=proj_init, **common)
+        self.c_fc = _linear(cfg, "c_fc", cfg.hidden, cfg.inner_dim, rngs)
+        self.c_proj = _linear(cfg, "mlp_c_proj", cfg.inner_dim, cfg.hidden, rngs, residual=True)
 
     def __call__(self, x, *, deterministic: bool, key=None):
         keys = jax.random.split(key, 3) if key is not None else [None] * 3

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from mama_jax.models import config_dict
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ATTENTION_IMPLS = (None, "xla", "cudnn")
 
@@ -87,19 +89,12 @@ def vit_config(name: str, *, num_registers: int = 0, **overrides) -> ViTConfig:
 
 def vit_config_to_dict(cfg: ViTConfig) -> dict:
     """JSON-safe dict (dtypes as names)."""
-    d = dataclasses.asdict(cfg)
-    d["dtype"] = jnp.dtype(cfg.dtype).name
-    d["param_dtype"] = jnp.dtype(cfg.param_dtype).name
-    return d
+    return config_dict.to_dict(cfg)
 
 
 def vit_config_from_dict(d: dict) -> ViTConfig:
-    known = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"ViT config: unknown fields {unknown}")
-    d = dict(d)
-    for name in ("dtype", "param_dtype"):
+    d = config_dict.known_fields(ViTConfig, d, "ViT config")
+    for name in config_dict.DTYPE_FIELDS:
         if name in d and isinstance(d[name], str):
             if d[name] not in _DTYPES:
                 raise ValueError(f"ViT config field {name}: unsupported dtype {d[name]!r}")

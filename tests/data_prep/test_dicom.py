@@ -1,4 +1,4 @@
-"""data_prep.dicom: codecs, VOI, inversion, crop, resize, tags and bad files.
+"""data_prep.dicom: codecs, VOI, inversion, tags and bad files (crop and resize: test_geometry.py).
 
 Pixel values are checked against an independent decode wherever one exists:
 the raw bytes of an uncompressed twin (numpy.frombuffer), Pillow's own
@@ -25,14 +25,13 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from data_prep.dicom import (
     DecodedImage,
     DicomError,
-    crop_breast,
     decode_pixels,
     laterality_and_view,
     normalise_uint16,
     read_dicom,
-    resize_long_side,
     to_monochrome2,
 )
+from tests.data_prep.phantoms import box_of, phantom
 
 
 def data_file(name: str) -> str:
@@ -225,63 +224,6 @@ def test_normalise_uint16():
                                   np.round((a + 5) / 20 * 65535).astype(np.uint16))
     assert normalise_uint16(np.full((3, 4), 7.0)).tolist() == [[0] * 4] * 3
     assert normalise_uint16(np.arange(6, dtype=np.int16).reshape(2, 3)).dtype == np.uint16
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def phantom(h=1200, w=900, cy=600, cx=400, ry=400, rx=300, seed=0):
-    """Dark noisy background, bright textured ellipse, and a small bright marker."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-    img = rng.normal(800, 100, (h, w))
-    img[inside] = 30000 + 8000 * np.sin(xx[inside] / 9.0) * np.cos(yy[inside] / 13.0)
-    img[40:60, w - 60:w - 40] = 60000  # a lead marker: must not widen the box
-    return np.clip(img, 0, 65535).astype(np.uint16), inside
-
-
-def box_of(mask):
-    ys, xs = np.nonzero(mask)
-    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-
-
-@pytest.mark.parametrize("cx", [400, 0])  # free-standing, and touching the chest-wall edge
-def test_crop_breast_finds_ellipse(cx):
-    img, inside = phantom(cx=cx)
-    cropped, (y0, y1, x0, x1) = crop_breast(img, margin=0.02)
-    by0, by1, bx0, bx1 = box_of(inside)
-    my, mx = round(0.02 * 1200), round(0.02 * 900)
-    want = (max(0, by0 - my), min(1200, by1 + my), max(0, bx0 - mx), min(900, bx1 + mx))
-    assert np.abs(np.array((y0, y1, x0, x1)) - np.array(want)).max() <= 6, ((y0, y1, x0, x1), want)
-    np.testing.assert_array_equal(cropped, img[y0:y1, x0:x1])
-
-
-def test_crop_breast_keeps_whole_image_when_nothing_found():
-    flat = np.full((300, 200), 1234, np.uint16)
-    cropped, box = crop_breast(flat)
-    assert box == (0, 300, 0, 200) and cropped.shape == flat.shape
-    with pytest.raises(ValueError, match="2-D"):
-        crop_breast(np.zeros((4, 4, 3), np.uint16))
-
-
-@pytest.mark.parametrize("shape, want", [((3000, 2000), (1036, 691)), ((2000, 3000), (691, 1036))])
-def test_resize_long_side_keeps_aspect(shape, want):
-    out = resize_long_side(np.zeros(shape, np.uint16), 1036)
-    assert out.shape == want and out.dtype == np.uint16
-    assert abs(out.shape[0] / out.shape[1] - shape[0] / shape[1]) < 0.01
-
-
-def test_resize_long_side_is_area_mean_and_never_upscales():
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 60000, (64, 48)).astype(np.uint16)
-    out = resize_long_side(img, 32)  # exact factor 2: area = 2x2 block mean
-    want = img.astype(np.float64).reshape(32, 2, 24, 2).mean(axis=(1, 3))
-    assert out.shape == (32, 24)
-    assert np.abs(out - want).max() <= 0.5 + 1e-9
-    assert resize_long_side(img, 64) is img and resize_long_side(img, 500) is img
-    with pytest.raises(ValueError, match="long_side"):
-        resize_long_side(img, 0)
 
 
 # ----------------------------------------------------------------------------- tags

@@ -1,10 +1,11 @@
-"""data_prep.geometry: the crop/resize transform and lesion boxes carried through it."""
+"""data_prep.geometry: breast crop, long-side resize, the transform and lesion boxes carried through it."""
 
 import numpy as np
 import pytest
 
 from data_prep import geometry, schema
 from data_prep.synthetic_render import render_mammogram
+from tests.data_prep.phantoms import box_of, phantom
 
 
 def test_map_box_scales_edges_and_rounds_outwards():
@@ -66,3 +67,43 @@ def test_boxes_text_round_trip_and_errors():
     row.update(split="train", dicom_path="x", roi_boxes="3,3,1,1")
     with pytest.raises(ValueError, match="roi_boxes"):
         schema.validate_row(row)
+
+
+# ----------------------------------------------------------------------------- crop and resize
+
+@pytest.mark.parametrize("cx", [400, 0])  # free-standing, and touching the chest-wall edge
+def test_crop_breast_finds_ellipse(cx):
+    img, inside = phantom(cx=cx)
+    cropped, (y0, y1, x0, x1) = geometry.crop_breast(img, margin=0.02)
+    by0, by1, bx0, bx1 = box_of(inside)
+    my, mx = round(0.02 * 1200), round(0.02 * 900)
+    want = (max(0, by0 - my), min(1200, by1 + my), max(0, bx0 - mx), min(900, bx1 + mx))
+    assert np.abs(np.array((y0, y1, x0, x1)) - np.array(want)).max() <= 6, ((y0, y1, x0, x1), want)
+    np.testing.assert_array_equal(cropped, img[y0:y1, x0:x1])
+
+
+def test_crop_breast_keeps_whole_image_when_nothing_found():
+    flat = np.full((300, 200), 1234, np.uint16)
+    cropped, box = geometry.crop_breast(flat)
+    assert box == (0, 300, 0, 200) and cropped.shape == flat.shape
+    with pytest.raises(ValueError, match="2-D"):
+        geometry.crop_breast(np.zeros((4, 4, 3), np.uint16))
+
+
+@pytest.mark.parametrize("shape, want", [((3000, 2000), (1036, 691)), ((2000, 3000), (691, 1036))])
+def test_resize_long_side_keeps_aspect(shape, want):
+    out = geometry.resize_long_side(np.zeros(shape, np.uint16), 1036)
+    assert out.shape == want and out.dtype == np.uint16
+    assert abs(out.shape[0] / out.shape[1] - shape[0] / shape[1]) < 0.01
+
+
+def test_resize_long_side_is_area_mean_and_never_upscales():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 60000, (64, 48)).astype(np.uint16)
+    out = geometry.resize_long_side(img, 32)  # exact factor 2: area = 2x2 block mean
+    want = img.astype(np.float64).reshape(32, 2, 24, 2).mean(axis=(1, 3))
+    assert out.shape == (32, 24)
+    assert np.abs(out - want).max() <= 0.5 + 1e-9
+    assert geometry.resize_long_side(img, 64) is img and geometry.resize_long_side(img, 500) is img
+    with pytest.raises(ValueError, match="long_side"):
+        geometry.resize_long_side(img, 0)
