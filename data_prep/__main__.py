@@ -19,6 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--height", type=int, default=640, help="image rows")
     syn.add_argument("--width", type=int, default=512, help="image columns")
+    syn.add_argument("--lesion-scale", type=float, default=1.0,
+                     help="mass radius multiplier (the demo draws them larger: see "
+                          "synthetic.generate)")
 
     b = sub.add_parser("build", help="tables + DICOMs -> TFDS ArrayRecord dataset")
     b.add_argument("--dataset", required=True, choices=("embed", "rsna", "vindr"))
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep import synthetic
 
         summary = synthetic.generate(args.out, patients=args.patients, seed=args.seed,
-                                     image_size=(args.height, args.width))
+                                     image_size=(args.height, args.width),
+                                     lesion_scale=args.lesion_scale)
         print(json.dumps({"out": os.path.abspath(args.out), **summary}))
         return 0
     from data_prep import build

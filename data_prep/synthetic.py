@@ -261,13 +261,17 @@ def _exact_subset(rng: np.random.Generator, n: int, fraction: float) -> set[int]
 
 def generate(out_dir, *, patients: int, seed: int = 0, image_size: tuple[int, int] = (640, 512),
              j2k_fraction: float = 0.25, monochrome1_fraction: float = 0.3,
-             cview_fraction: float = 0.15) -> dict:
+             cview_fraction: float = 0.15, lesion_scale: float = 1.0) -> dict:
     """Write a synthetic EMBED-format dataset under out_dir; return summary counts.
 
     Layout: tables/{EMBED_OpenData_metadata,EMBED_OpenData_clinical,
     AWS_Open_Data_Clinical_Legend}.csv and images/cohort_1/<empi>/<acc>/<uid>.dcm;
     metadata anon_dicom_path holds the site path under ORIGINAL_IMAGE_PREFIX.
     Compression, MONOCHROME1 and C-view copies are chosen per study.
+    lesion_scale multiplies every mass radius. At 1 a mass spans about as much of the
+    image as a real one; a model that sees the image at a coarse patch grid (the demo:
+    112 px, 8 x 8 patches, where the paper has 37 x 37) needs them about 3x larger to
+    cover as many patches as a real mass does at the paper's resolution.
     """
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
@@ -301,7 +305,8 @@ def generate(out_dir, *, patients: int, seed: int = 0, image_size: tuple[int, in
             rng = np.random.default_rng([seed, p_idx, s_idx, v])
             pixels, rois = render_mammogram(rng, height=height, width=width, density=density,
                                             birads=birads, laterality=side, view=view, mass=mass,
-                                            calcs=calcs, return_rois=True)
+                                            calcs=calcs, return_rois=True,
+                                            lesion_scale=lesion_scale)
             kinds = [("2D", pixels)]
             if n in cview:
                 kinds.append(("C-view", cview_of(pixels, np.random.default_rng([seed, p_idx, s_idx, v, 1]))))

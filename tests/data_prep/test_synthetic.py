@@ -204,6 +204,23 @@ def test_birads5_mass_is_a_bright_blob_absent_at_birads1():
     assert area[1] > 2 * area[0]  # mass size grows with BI-RADS
 
 
+def test_lesion_scale_grows_the_mass_and_nothing_else():
+    mass = {"shape": "R", "margin": "D", "density": "="}
+    base, _ = _render(4, density=2, birads=1)
+    one, (box1,) = _render(4, density=2, birads=4, mass=mass)
+    three, (box3,) = _render(4, density=2, birads=4, mass=mass, lesion_scale=3.0)
+    side = [np.sqrt((b[2] - b[0]) * (b[3] - b[1])) for b in (box1, box3)]
+    assert 2.5 < side[1] / side[0] < 3.5, side
+    for img, (y0, x0, y1, x1) in ((one, box1), (three, box3)):
+        diff = img.astype(np.int64) - base.astype(np.int64)
+        assert diff.min() >= 0 and diff.max() > 0.2 * 4095  # only the mass was added
+        changed = np.argwhere(diff > 0.04 * 4095)  # the box is where the mass profile > 0.1
+        assert changed[:, 0].min() >= y0 - 1 and changed[:, 0].max() <= y1 + 1
+        assert changed[:, 1].min() >= x0 - 1 and changed[:, 1].max() <= x1 + 1
+    with pytest.raises(ValueError, match="lesion_scale"):
+        _render(0, birads=4, mass=mass, lesion_scale=0.0)
+
+
 def test_calcifications_are_small_bright_dots():
     base, _ = _render(5, density=2)
     dots, rois = _render(5, density=2, calcs={"type": "P", "distribution": "C", "number": 12})
