@@ -85,6 +85,34 @@ class Checkpointer:
             data_iterator.set_state(self._data_state_for_this_host_count(step))
         return out["params"], out.get("opt")
 
+    def restore_params_subtree(self, step: int, select, sharding) -> dict:
+        """Only the parameter arrays whose path `select(keys)` accepts, as the nested dict
+        of the saved tree pruned to them (Orbax partial restore: nothing else is read).
+
+        keys: the path as a tuple of str, e.g. ("trainable", "vision", "cls_token", "value").
+        """
+        path = os.path.join(self.directory, str(step), "params")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint item")
+        saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+        saved = getattr(saved, "tree", saved)
+
+        def prune(node, keys):
+            if not isinstance(node, dict):
+                return (jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=sharding)
+                        if select(keys) else None)
+            kept = {k: prune(v, keys + (str(k),)) for k, v in node.items()}
+            kept = {k: v for k, v in kept.items() if v is not None}
+            return kept or None
+
+        target = prune(saved, ())
+        if target is None:
+            raise CheckpointMismatchError(f"{path}: holds no parameter this restore asks for")
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+        return ocp.PyTreeCheckpointer().restore(path, args=args)
+
     def _data_file(self, step: int, index: int | None = None, count: int | None = None) -> str:
         index = jax.process_index() if index is None else index
         count = jax.process_count() if count is None else count

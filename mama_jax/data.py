@@ -180,21 +180,24 @@ class TrainExample:
 class EvalExample:
     """map transform: position in this host's padded eval order -> one eval example."""
 
-    def __init__(self, source: Sequence, tokenizer: TextTokenizer, cfg: DataConfig,
+    def __init__(self, source: Sequence, tokenizer: TextTokenizer | None, cfg: DataConfig,
                  process_index: int, process_count: int):
         self.source, self.cfg = source, cfg
         self.process_index, self.process_count = process_index, process_count
-        self.captioner = _Captioner(tokenizer, cfg.max_length)
+        self.captioner = None if tokenizer is None else _Captioner(tokenizer, cfg.max_length)
 
     def __call__(self, position) -> dict:
         index = self.process_index + int(position) * self.process_count
         valid = index < len(self.source)
         # Padding repeats a real record (no degenerate inputs reach the model), marked invalid.
         record = self.source[index if valid else 0]
-        caption = captions.build_caption(record, style=self.cfg.caption_style, mask_prob=0.0)
+        text = {}
+        if self.captioner is not None:
+            text = self.captioner(captions.build_caption(record, style=self.cfg.caption_style,
+                                                         mask_prob=0.0))
         return {
             "view1": eval_transform(record["image"], self.cfg.image_size),
-            **self.captioner(caption),
+            **text,
             **_labels(record),
             "index": np.int32(index if valid else -1),
             "valid": np.bool_(valid),
@@ -283,14 +286,16 @@ def eval_batches_per_host(num_records: int, batch_size: int, process_count: int)
     return math.ceil(math.ceil(num_records / process_count) / batch_size)
 
 
-def eval_iterator(cfg: DataConfig, tokenizer: TextTokenizer, split: str, *, process_index: int = 0,
+def eval_iterator(cfg: DataConfig, tokenizer: TextTokenizer | None, split: str, *, process_index: int = 0,
                   process_count: int = 1, batch_size: int | None = None,
                   source: Sequence | None = None) -> grain.DatasetIterator:
     """One pass over a split: eval transform, unmasked captions, each record exactly once.
 
     Host p takes records p, p + P, p + 2P, ...; the last batch is padded (a copy of
     record 0, index -1) and `valid` (bool [B]) marks the real rows. Keys: view1 (eval
-    transform), input_ids, attention_mask, truncated, birads, density, cancer, index, valid.
+    transform), input_ids, attention_mask, truncated, birads, density, cancer, index, valid;
+    with tokenizer=None no captions are built (image-only evaluation) and the three text
+    keys are absent.
     """
     _check_hosts(process_index, process_count)
     if batch_size is None:

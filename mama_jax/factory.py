@@ -78,7 +78,10 @@ def _lora(cfg) -> LoRAConfig:
                       targets=tuple(m.lora_targets))
 
 
-def _vision(cfg, dtype) -> vit.VisionTransformer:
+def vision_tower(cfg, dtype=None) -> vit.VisionTransformer:
+    """The configured ViT: the source weights when model.vit_weights is set, else an
+    abstract (shape-only) tower that a checkpoint restore or `model` fills."""
+    dtype = jnp.dtype(cfg.model.dtype) if dtype is None else dtype
     m = cfg.model
     overrides = dict(attention_impl=m.attention_impl or None)
     if m.vit_weights:
@@ -119,7 +122,7 @@ def model(cfg, tok: tok_lib.TextTokenizer) -> mama.MaMA:
     """MaMA with pretrained towers where configured; random parts are initialised
     inside jit (from cfg.seed) so nothing is built twice on the host."""
     dtype = jnp.dtype(cfg.model.dtype)
-    vision, lm = _vision(cfg, dtype), _text(cfg, tok, dtype)
+    vision, lm = vision_tower(cfg, dtype), _text(cfg, tok, dtype)
     mcfg = mama.MaMAConfig(vit=vision.cfg, text=lm.cfg, sep_id=tok.sep_id,
                            embed_dim=cfg.model.embed_dim, local_hidden=cfg.model.local_hidden,
                            simclr_out=cfg.model.simclr_out, text_pool=cfg.model.text_pool,

@@ -21,3 +21,36 @@ def test_checkpoint_of_another_model_size_is_refused(pretrained_workdir):
     cfg.model.embed_dim = cfg.model.embed_dim * 2
     with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match"):
         restore.restore_model(pretrained_workdir, cfg=cfg)
+
+
+def test_vision_restore_reads_only_the_vit_and_equals_the_full_restore(pretrained_workdir,
+                                                                       monkeypatch):
+    import jax
+    from flax import nnx
+
+    from mama_jax import factory
+
+    full, _, _ = restore.restore_model(pretrained_workdir)
+
+    def no_text_tower(*args, **kwargs):
+        raise AssertionError("restore_vision built the text tower")
+
+    monkeypatch.setattr(factory, "_text", no_text_tower)
+    monkeypatch.setattr(factory, "tokenizer", no_text_tower)
+    vision, step = restore.restore_vision(pretrained_workdir)
+    assert step == 3
+    got = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(vision)))[0]
+    want = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(full.vision)))[0])
+    assert len(got) == len(want) > 10
+    for path, value in got:  # bit-identical, frozen final norm and mask token included
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]))
+    images = np.random.default_rng(0).normal(size=(2, 56, 56, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(vision(images).prenorm),
+                                  np.asarray(full.vision(images).prenorm))
+
+
+def test_vision_restore_refuses_another_vit_size(pretrained_workdir):
+    cfg = restore.load_pretrain_config(pretrained_workdir)
+    cfg.model.num_registers = 0  # the checkpoint's ViT has 4 register tokens
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="register_tokens"):
+        restore.restore_vision(pretrained_workdir, cfg=cfg)

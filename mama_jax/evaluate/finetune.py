@@ -68,7 +68,7 @@ def _check_resume(run_dir: str, identity: dict) -> None:
 
 # ----------------------------------------------------------------------------- test
 
-def predict(graphdef, params, data_cfg, tok, split: str, batch_size: int, mesh, source):
+def predict(graphdef, params, data_cfg, split: str, batch_size: int, mesh, source):
     """Class probabilities [N, C] (record order) of every record of `split`."""
     n_proc, proc = jax.process_count(), jax.process_index()
     batch_size = -(-batch_size // mesh.size) * mesh.size  # whole per-device shards
@@ -81,7 +81,7 @@ def predict(graphdef, params, data_cfg, tok, split: str, batch_size: int, mesh, 
                 "valid": batch["valid"]}
 
     keys = ("view1", "index", "valid")
-    batches = data.eval_iterator(data_cfg, tok, split, process_index=proc, process_count=n_proc,
+    batches = data.eval_iterator(data_cfg, None, split, process_index=proc, process_count=n_proc,
                                  batch_size=batch_size // n_proc, source=source)
     probs, index = [], []
     for batch in tqdm(batches, desc=f"finetune test {split}", unit="batch", disable=proc != 0):
@@ -202,9 +202,9 @@ def run(cfg, workdir: str) -> dict:
                            "pretrain_step": int(pretrain_step), "num_classes": len(class_names),
                            "dtype": pretrain_cfg.model.dtype})
 
-    model, tok, _ = restore.restore_model(cfg.pretrain_workdir, step=pretrain_step, cfg=pretrain_cfg)
-    net = finetune_model.Classifier(model.vision, len(class_names), rngs=nnx.Rngs(cfg.seed))
-    del model  # the text tower and heads are not needed
+    vision, _ = restore.restore_vision(cfg.pretrain_workdir, step=pretrain_step, cfg=pretrain_cfg)
+    net = finetune_model.Classifier(vision, len(class_names), rngs=nnx.Rngs(cfg.seed))
+    del vision
     mesh = finetune_model.data_parallel_mesh(cfg.batch_size)
     state = finetune_model.State(net, finetune_model.make_optimizer(cfg.optim, cfg.steps), mesh)
     del net
@@ -224,7 +224,7 @@ def run(cfg, workdir: str) -> dict:
     if stopped:
         return {"task": task, "stopped": stopped}
 
-    probs = predict(state.graphdef, (state.trainable, state.rest), data_cfg, tok, cfg.eval_split,
+    probs = predict(state.graphdef, (state.trainable, state.rest), data_cfg, cfg.eval_split,
                     cfg.eval_batch_size, mesh, sources[cfg.eval_split])
     evals = evaluate(probs, test_labels, flags, class_names, cfg.bootstrap, cfg.seed)
     headline = {f"{task}/fft/{name}/{short}": ev[m] for name, ev in evals.items()

@@ -111,8 +111,8 @@ def restore_classifier(workdir: str, task: str, *, step: int | None = None):
         info = json.load(f)
     pretrain_cfg = restore.load_pretrain_config(info["pretrain_workdir"])
     pretrain_cfg.model.dtype = info["dtype"]
-    model, _, _ = restore.restore_model(info["pretrain_workdir"], cfg=pretrain_cfg)
-    graphdef, trainable, rest = nnx.split(Classifier(model.vision, info["num_classes"],
+    vision, _ = restore.restore_vision(info["pretrain_workdir"], cfg=pretrain_cfg)
+    graphdef, trainable, rest = nnx.split(Classifier(vision, info["num_classes"],
                                                      rngs=nnx.Rngs(0)), trainable_filter(), ...)
     ckpt = checkpoint.Checkpointer(os.path.join(folder, "checkpoints"), async_save=False)
     step = step if step is not None else ckpt.latest_step()

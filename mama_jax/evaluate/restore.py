@@ -45,3 +45,54 @@ def restore_model(pretrain_workdir: str, *, step: int | None = None,
     params, _ = ckpt.restore(step, params=checkpoint.abstract_like(target, shardings))
     ckpt.close()
     return nnx.merge(graphdef, params["trainable"], params["rest"]), tok, step
+
+
+def _merge_groups(groups: list[dict]) -> dict:
+    """One nested dict of arrays from the checkpoint's parameter groups (trainable /
+    rest), without the "value" level that nnx Variables add."""
+    out: dict = {}
+    for group in groups:
+        for key, node in group.items():
+            if isinstance(node, dict) and set(node) == {"value"}:
+                out[key] = node["value"]
+            elif isinstance(node, dict):
+                out[key] = _merge_groups([out.get(key, {}), node])
+            else:
+                out[key] = node
+    return out
+
+
+def restore_vision(pretrain_workdir: str, *, step: int | None = None,
+                   cfg: ml_collections.ConfigDict | None = None):
+    """(vision tower, step): the ViT of a pretraining checkpoint, on one device.
+
+    Reads only the ViT's arrays: the text tower is neither built nor loaded (at the
+    paper's size that is 2.6B parameters that fine-tuning would drop). A checkpoint
+    of another ViT size stops with a CheckpointMismatchError naming the parameter.
+    """
+    cfg = cfg or load_pretrain_config(pretrain_workdir)
+    vision = factory.vision_tower(cfg)
+    folder = os.path.join(pretrain_workdir, "checkpoints")
+    rep = sharding.replicated(sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+    ckpt = checkpoint.Checkpointer(folder, async_save=False)
+    try:
+        step = step if step is not None else ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{folder}: no checkpoint to restore")
+        saved = ckpt.restore_params_subtree(step, lambda keys: keys[1:2] == ("vision",), rep)
+    finally:
+        ckpt.close()
+    arrays = _merge_groups([group["vision"] for group in saved.values() if "vision" in group])
+    state = nnx.state(vision)
+    expected = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0])
+    found = dict(jax.tree_util.tree_flatten_with_path(arrays)[0])
+    for path in sorted(set(expected) | set(found), key=jax.tree_util.keystr):
+        want, got = expected.get(path), found.get(path)
+        if want is None or got is None or want.shape != got.shape:
+            raise checkpoint.CheckpointMismatchError(
+                f"{folder}/{step}: vision{jax.tree_util.keystr(path)} is "
+                f"{'missing' if got is None else got.shape} in the checkpoint, the configured "
+                f"ViT has {'none' if want is None else want.shape} (another model size?)")
+    nnx.replace_by_pure_dict(state, arrays)
+    graphdef = nnx.graphdef(vision)
+    return nnx.merge(graphdef, state), step
