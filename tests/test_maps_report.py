@@ -89,6 +89,8 @@ def test_map_is_the_cosine_of_the_local_embeddings(restored, mass_record):
                                (patches @ sent[n - 1]).reshape(sim.shape), atol=1e-5)
     with pytest.raises(ValueError, match=f"{n} sentences"):
         maps.sentence_patch_map(model, tok, image, caption, n, 160)
+    every = maps.sentence_patch_maps(model, tok, image, caption, 160)  # one pass, all sentences
+    np.testing.assert_allclose(every, (sent[:n] @ patches.T).reshape((n,) + sim.shape), atol=1e-5)
 
 
 def test_overlay_png_has_the_image_size_and_shows_the_heat(tmp_path):

@@ -82,12 +82,11 @@ def patch_grid(model, image_size: int) -> tuple[int, int]:
     return image_size // p, image_size // p
 
 
-def sentence_patch_map(model, tok, image: np.ndarray, caption: str, sentence_index: int,
-                       max_length: int) -> np.ndarray:
-    """Cosine of sentence `sentence_index` with every patch: float32 [gh, gw].
+def sentence_patch_maps(model, tok, image: np.ndarray, caption: str, max_length: int) -> np.ndarray:
+    """Cosine of every sentence with every patch: float32 [n, gh, gw], one forward pass.
 
-    image: eval-transformed float32 [S, S, 3]. A negative index counts back from the
-    last sentence that survived tokenisation (truncation and max_sentences drop some).
+    image: eval-transformed float32 [S, S, 3]; n counts the sentences that survived
+    tokenisation (truncation and max_sentences drop late ones).
     """
     image = np.asarray(image, np.float32)
     if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3:
@@ -95,16 +94,29 @@ def sentence_patch_map(model, tok, image: np.ndarray, caption: str, sentence_ind
     enc = encode_captions(tok, [caption], max_length)
     patches, sent, valid = _local_embeddings(model, image[None], enc.input_ids, enc.attention_mask)
     count = int(np.asarray(valid[0]).sum())
+    sims = np.asarray(sent[0, :count]) @ np.asarray(patches[0]).T  # [n, P]
+    gh, gw = patch_grid(model, image.shape[0])
+    if sims.shape[1] != gh * gw:
+        raise ValueError(f"the ViT returned {sims.shape[1]} patches for a {gh}x{gw} grid")
+    return sims.reshape(count, gh, gw).astype(np.float32)
+
+
+def pick_sentence(maps: np.ndarray, sentence_index: int, max_length: int, max_sentences: int):
+    """maps[sentence_index] of sentence_patch_maps (negative counts back from the last)."""
+    count = len(maps)
     index = sentence_index + count if sentence_index < 0 else sentence_index
     if not 0 <= index < count:
         raise ValueError(f"sentence_index {sentence_index} is out of range: the caption has {count} "
                          f"sentences after tokenisation (max_length {max_length}, "
-                         f"max_sentences {model.cfg.max_sentences})")
-    sim = np.asarray(patches[0]) @ np.asarray(sent[0, index])
-    gh, gw = patch_grid(model, image.shape[0])
-    if sim.shape[0] != gh * gw:
-        raise ValueError(f"the ViT returned {sim.shape[0]} patches for a {gh}x{gw} grid")
-    return sim.reshape(gh, gw).astype(np.float32)
+                         f"max_sentences {max_sentences})")
+    return maps[index]
+
+
+def sentence_patch_map(model, tok, image: np.ndarray, caption: str, sentence_index: int,
+                       max_length: int) -> np.ndarray:
+    """Cosine of sentence `sentence_index` with every patch: float32 [gh, gw]."""
+    maps = sentence_patch_maps(model, tok, image, caption, max_length)
+    return pick_sentence(maps, sentence_index, max_length, model.cfg.max_sentences)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -339,10 +351,11 @@ def run(cfg, workdir: str) -> dict:
         canvas = eval_geometry(record["image"], display)
         boxes = canvas_boxes(record_boxes(record), record["image"].shape, display)
         breast = breast_mask(canvas) if boxes else None
+        all_maps = sentence_patch_maps(model, tok, image, caption, max_length)
         for query in queries:
             try:
                 k = find_sentence(caption, query)
-                sim = sentence_patch_map(model, tok, image, caption, k, max_length)
+                sim = pick_sentence(all_maps, k, max_length, model.cfg.max_sentences)
             except ValueError as err:
                 skipped.append({"image_id": image_id, "record_index": int(index), "query": query,
                                 "reason": str(err)})
