@@ -298,6 +298,24 @@ def build_caption(record: Mapping[str, Any], *, style: str = "structured",
     return "\n".join(lines)
 
 
+# Openings of the structured caption's sentences, for naming a sentence's kind.
+SENTENCE_KINDS = ("Procedure reported", "Reason for procedure", "Patient info", "Image info",
+                  "Breast composition", DENSE_NOTE.rstrip("."), "Findings", "The mass",
+                  "Impressions", "Overall Assessment")
+
+
+def sentence_kind(sentence: str) -> str:
+    """Which segment of the structured caption a sentence is (its opening words), e.g.
+    "The mass" for "The mass is oval and equal density"; other text: its first 3 words."""
+    sentence = sentence.strip()
+    for kind in SENTENCE_KINDS:
+        if sentence.startswith(kind):
+            return kind
+    if sentence.rstrip(".").endswith("calcification is present"):
+        return "Calcification"
+    return " ".join(sentence.split()[:3])
+
+
 # ----------------------------------------------------------------------------- zero-shot
 
 def _prefix_lines(record: Mapping[str, Any] | None, prefix: str) -> list[str]:

@@ -287,3 +287,17 @@ def test_sentence_count_matches_tokenizer_seps(tmp_path):
         enc = tk.encode_caption(tok, text, max_length=512)
         assert not enc.truncated
         assert int((enc.input_ids == tok.sep_id).sum()) == cap.count_sentences(text), text
+
+
+def test_sentence_kind_names_every_segment_of_the_structured_caption():
+    record = {"procedure": "MG Diagnostic Mammo", "reason": "lump", "age": 61, "race": "Asian",
+              "ethnicity": "", "image_type": "2D", "laterality": "L", "view": "CC", "density": 3,
+              "birads": 4, "mass_shape": "irregular", "mass_density": "high density",
+              "calc_type": "amorphous", "calc_distribution": "grouped"}
+    caption = cap.build_caption(record, style="structured")
+    sentences = [s.strip() for s in caption.replace("\n", " ").replace(";", ".").split(".")[:-1]]
+    kinds = [cap.sentence_kind(s) for s in sentences]
+    assert kinds == ["Procedure reported", "Reason for procedure", "Patient info", "Image info",
+                     "Breast composition", "This may lower the sensitivity of mammography",
+                     "Findings", "The mass", "Calcification", "Impressions", "Overall Assessment"]
+    assert cap.sentence_kind("  Something else entirely here ") == "Something else entirely"

@@ -209,8 +209,15 @@ def test_run_writes_maps_for_mass_images_first(pretrained_workdir, tiny_dataset,
     assert with_boxes and {s["record_index"] for s in written["roi_scores"]} == set(with_boxes)
     for entry in written["maps"]:
         assert ("roi" in entry) == (entry["record_index"] in with_boxes)
+    # ... every sentence of it, under its kind, so one sees which sentences find the lesion.
+    for i in with_boxes:
+        caption = captions.build_caption(source[i], style="structured")
+        rows = [s for s in written["roi_scores"] if s["record_index"] == i]
+        assert [s["sentence"] for s in rows] == maps.split_sentences(caption)
+        assert all(s["query"] == captions.sentence_kind(s["sentence"]) for s in rows)
     summary = written["roi_summary"]
     assert set(summary) == {s["query"] for s in written["roi_scores"]}
+    assert {"Procedure reported", "Breast composition", "Impressions"} <= set(summary)
     for query, v in summary.items():
         lifts = [s["lift"] for s in written["roi_scores"] if s["query"] == query]
         assert v["n"] == len(lifts) and v["mean_lift"] == pytest.approx(np.mean(lifts))

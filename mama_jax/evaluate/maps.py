@@ -311,8 +311,9 @@ def run(cfg, workdir: str) -> dict:
     """Similarity maps of cfg.sentence (and "The mass" where present) for a few images:
     PNGs and maps.json under WORKDIR/maps (skipped queries listed with their reason).
 
-    Where records carry lesion boxes, the maps of up to cfg.score_images such records
-    are scored against them (roi_scores) and summarised per query in maps.json.
+    Where records carry lesion boxes, the maps of every sentence of up to
+    cfg.score_images such records are scored against them (roi_scores) and summarised
+    per sentence kind (captions.sentence_kind) in maps.json: which sentences find the lesion.
     """
     extract.require_pretrain_workdir(cfg)
     pcfg = restore.load_pretrain_config(cfg.pretrain_workdir)
@@ -345,14 +346,21 @@ def run(cfg, workdir: str) -> dict:
         queries = [cfg.sentence]
         if cfg.sentence != MASS_SENTENCE and any(s.startswith(MASS_SENTENCE) for s in sentences):
             queries.append(MASS_SENTENCE)
-        if index not in drawn:  # scored only: no skip notes for sentences it lacks
-            queries = [q for q in queries if any(s.startswith(q.strip()) for s in sentences)]
         image = eval_transform(record["image"], size)
         canvas = eval_geometry(record["image"], display)
         boxes = canvas_boxes(record_boxes(record), record["image"].shape, display)
         breast = breast_mask(canvas) if boxes else None
         all_maps = sentence_patch_maps(model, tok, image, caption, max_length)
+        if boxes:  # every sentence of the caption, scored: which of them finds the lesion?
+            for j, sim in enumerate(all_maps):
+                roi = roi_scores(sim, breast, boxes)
+                if roi is not None:
+                    scores.append({"image_id": image_id, "record_index": int(index),
+                                   "query": captions.sentence_kind(sentences[j]),
+                                   "sentence": sentences[j], **roi})
         for query in queries:
+            if index not in drawn:
+                break
             try:
                 k = find_sentence(caption, query)
                 sim = pick_sentence(all_maps, k, max_length, model.cfg.max_sentences)
@@ -362,11 +370,6 @@ def run(cfg, workdir: str) -> dict:
                 continue
             text = sentences[k]
             roi = roi_scores(sim, breast, boxes) if boxes else None
-            if roi is not None:
-                scores.append({"image_id": image_id, "record_index": int(index), "query": query,
-                               "sentence": text, **roi})
-            if index not in drawn:
-                continue
             png = os.path.join(out_dir, f"{_slug(image_id)}_{_slug(query)}.png")
             short_id = image_id if len(image_id) <= 12 else "..." + image_id[-8:]
             overlay_png(canvas, sim, png, f"{short_id}: {text}", boxes=boxes)
