@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORK ?= $(CURDIR)/work
 DEMO_PATIENTS ?= 40
+# The demo sees 112-px images (8 x 8 patches; the paper: 518 px, 37 x 37): masses drawn
+# 3x larger cover about as many patches as a real mass does at the paper's resolution.
+DEMO_LESION_SCALE ?= 3
 
 # Keep every cache out of the home folder.
 CACHE := $(or $(TMPDIR),/tmp)/mama_jax_cache
@@ -35,7 +38,7 @@ install-test: $(VENV)/.test
 DATASET := $(WORK)/dataset/tfds/mammography/embed/1.0.0
 
 demo: $(VENV)/.core
-	$(PY) -m data_prep synthetic --out $(WORK)/synthetic --patients $(DEMO_PATIENTS) --seed 0
+	$(PY) -m data_prep synthetic --out $(WORK)/synthetic --patients $(DEMO_PATIENTS) --seed 0 --lesion-scale $(DEMO_LESION_SCALE)
 	$(PY) -m data_prep build --dataset embed --tables $(WORK)/synthetic --images $(WORK)/synthetic --out $(WORK)/dataset
 	$(PY) -m mama_jax.main --config=configs/demo.py --workdir=$(WORK)/demo --config.data.dataset_dir=$(DATASET)
 	$(PY) -m mama_jax.report_losses $(WORK)/demo
