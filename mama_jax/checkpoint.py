@@ -94,7 +94,8 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step), "params")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such checkpoint item")
-        saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+        with ocp.StandardCheckpointer() as reader:
+            saved = reader.metadata(path).item_metadata
         saved = getattr(saved, "tree", saved)
 
         def prune(node, keys):
@@ -111,7 +112,8 @@ class Checkpointer:
         args = ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)
-        return ocp.PyTreeCheckpointer().restore(path, args=args)
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(path, args=args)
 
     def _data_file(self, step: int, index: int | None = None, count: int | None = None) -> str:
         index = jax.process_index() if index is None else index
