@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mama_jax import checkpoint, factory, optim, sharding, train_state
+from mama_jax import factory, optim, sharding, train_state
 from mama_jax.evaluate import restore
 from mama_jax.models import mama
 from mama_jax.models.vit import VisionTransformer
@@ -112,15 +112,5 @@ def restore_classifier(workdir: str, task: str, *, step: int | None = None):
     pretrain_cfg = restore.load_pretrain_config(info["pretrain_workdir"])
     pretrain_cfg.model.dtype = info["dtype"]
     vision, _ = restore.restore_vision(info["pretrain_workdir"], cfg=pretrain_cfg)
-    graphdef, trainable, rest = nnx.split(Classifier(vision, info["num_classes"],
-                                                     rngs=nnx.Rngs(0)), trainable_filter(), ...)
-    ckpt = checkpoint.Checkpointer(os.path.join(folder, "checkpoints"), async_save=False)
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{folder}/checkpoints: no checkpoint")
-    target = {"trainable": trainable, "rest": rest}
-    rep = sharding.replicated(sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
-    params, _ = ckpt.restore(step, params=checkpoint.abstract_like(target,
-                                                                   jax.tree.map(lambda _: rep, target)))
-    ckpt.close()
-    return nnx.merge(graphdef, params["trainable"], params["rest"]), step
+    net = Classifier(vision, info["num_classes"], rngs=nnx.Rngs(0))
+    return restore.restore_split(net, trainable_filter(), os.path.join(folder, "checkpoints"), step)

@@ -343,24 +343,23 @@ def run(cfg, workdir: str) -> dict:
         image_id = _text(record["image_id"])
         caption = captions.build_caption(record, style="structured", mask_prob=0.0)
         sentences = split_sentences(caption)
-        queries = [cfg.sentence]
-        if cfg.sentence != MASS_SENTENCE and any(s.startswith(MASS_SENTENCE) for s in sentences):
+        queries = [cfg.sentence] if index in drawn else []  # scored-only records draw nothing
+        if queries and cfg.sentence != MASS_SENTENCE and any(s.startswith(MASS_SENTENCE)
+                                                             for s in sentences):
             queries.append(MASS_SENTENCE)
         image = eval_transform(record["image"], size)
         canvas = eval_geometry(record["image"], display)
         boxes = canvas_boxes(record_boxes(record), record["image"].shape, display)
         breast = breast_mask(canvas) if boxes else None
         all_maps = sentence_patch_maps(model, tok, image, caption, max_length)
-        if boxes:  # every sentence of the caption, scored: which of them finds the lesion?
-            for j, sim in enumerate(all_maps):
-                roi = roi_scores(sim, breast, boxes)
-                if roi is not None:
-                    scores.append({"image_id": image_id, "record_index": int(index),
-                                   "query": captions.sentence_kind(sentences[j]),
-                                   "sentence": sentences[j], **roi})
+        # Every sentence of the caption is scored: which of them finds the lesion?
+        rois = [roi_scores(sim, breast, boxes) if boxes else None for sim in all_maps]
+        for j, roi in enumerate(rois):
+            if roi is not None:
+                scores.append({"image_id": image_id, "record_index": int(index),
+                               "query": captions.sentence_kind(sentences[j]),
+                               "sentence": sentences[j], **roi})
         for query in queries:
-            if index not in drawn:
-                break
             try:
                 k = find_sentence(caption, query)
                 sim = pick_sentence(all_maps, k, max_length, model.cfg.max_sentences)
@@ -368,8 +367,7 @@ def run(cfg, workdir: str) -> dict:
                 skipped.append({"image_id": image_id, "record_index": int(index), "query": query,
                                 "reason": str(err)})
                 continue
-            text = sentences[k]
-            roi = roi_scores(sim, breast, boxes) if boxes else None
+            text, roi = sentences[k], rois[k]
             png = os.path.join(out_dir, f"{_slug(image_id)}_{_slug(query)}.png")
             short_id = image_id if len(image_id) <= 12 else "..." + image_id[-8:]
             overlay_png(canvas, sim, png, f"{short_id}: {text}", boxes=boxes)

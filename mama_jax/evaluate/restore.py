@@ -24,6 +24,34 @@ def load_pretrain_config(pretrain_workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def one_device():
+    """Replicated sharding on the first device: where evaluation restores go."""
+    return sharding.replicated(sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+
+
+def _checkpoint_step(ckpt: checkpoint.Checkpointer, step: int | None) -> int:
+    step = step if step is not None else ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to restore")
+    return step
+
+
+def restore_split(module: nnx.Module, trainable_filter, folder: str, step: int | None = None):
+    """(module, step): `module` with the parameters of a run's checkpoint in `folder`
+    (saved as its {trainable, rest} split; latest step by default), on one device."""
+    graphdef, trainable, rest = nnx.split(module, trainable_filter, ...)
+    target = {"trainable": trainable, "rest": rest}
+    rep = one_device()
+    ckpt = checkpoint.Checkpointer(folder, async_save=False)
+    try:
+        step = _checkpoint_step(ckpt, step)
+        params, _ = ckpt.restore(step, params=checkpoint.abstract_like(
+            target, jax.tree.map(lambda _: rep, target)))
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, params["trainable"], params["rest"]), step
+
+
 def restore_model(pretrain_workdir: str, *, step: int | None = None,
                   cfg: ml_collections.ConfigDict | None = None):
     """(model, tokenizer, step) from the latest (or given) checkpoint of a pretraining run.
@@ -34,17 +62,9 @@ def restore_model(pretrain_workdir: str, *, step: int | None = None,
     cfg = cfg or load_pretrain_config(pretrain_workdir)
     tok = factory.tokenizer(cfg, pretrain_workdir)
     model = factory.model(cfg, tok)
-    ckpt = checkpoint.Checkpointer(os.path.join(pretrain_workdir, "checkpoints"), async_save=False)
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{pretrain_workdir}/checkpoints: no checkpoint to evaluate")
-    graphdef, trainable, rest = nnx.split(model, mama.trainable_filter(model.cfg), ...)
-    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    target = {"trainable": trainable, "rest": rest}
-    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), target)
-    params, _ = ckpt.restore(step, params=checkpoint.abstract_like(target, shardings))
-    ckpt.close()
-    return nnx.merge(graphdef, params["trainable"], params["rest"]), tok, step
+    model, step = restore_split(model, mama.trainable_filter(model.cfg),
+                                os.path.join(pretrain_workdir, "checkpoints"), step)
+    return model, tok, step
 
 
 def _merge_groups(groups: list[dict]) -> dict:
@@ -73,13 +93,11 @@ def restore_vision(pretrain_workdir: str, *, step: int | None = None,
     cfg = cfg or load_pretrain_config(pretrain_workdir)
     vision = factory.vision_tower(cfg)
     folder = os.path.join(pretrain_workdir, "checkpoints")
-    rep = sharding.replicated(sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
     ckpt = checkpoint.Checkpointer(folder, async_save=False)
     try:
-        step = step if step is not None else ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{folder}: no checkpoint to restore")
-        saved = ckpt.restore_params_subtree(step, lambda keys: keys[1:2] == ("vision",), rep)
+        step = _checkpoint_step(ckpt, step)
+        saved = ckpt.restore_params_subtree(step, lambda keys: keys[1:2] == ("vision",),
+                                            one_device())
     finally:
         ckpt.close()
     arrays = _merge_groups([group["vision"] for group in saved.values() if "vision" in group])
