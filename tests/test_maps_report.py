@@ -150,6 +150,22 @@ def test_roi_scores_of_a_map_with_a_known_hot_spot():
     assert maps.roi_scores(sim, breast, []) is None
 
 
+def test_roi_scores_ignore_the_part_of_a_box_outside_the_breast():
+    breast = np.zeros((112, 112), bool)
+    breast[:, :84] = True                          # breast: cell columns 0-5; air: 6-7
+    box = [(30, 75, 40, 105)]                      # row 2, from cell column 5 into the air
+    sim = np.zeros((8, 8), np.float32)
+    sim[:, 6:] = 1.0                               # a map that lights the air, not the lesion
+    sim[2, 0] = 0.5                                # the breast's hottest cell is elsewhere
+    got = maps.roi_scores(sim, breast, box)
+    assert not got["hit"] and got["peak_rank"] == 2        # box cell (2, 5) vs 47 others
+    assert got["chance_hit"] == pytest.approx(1 / 48)
+    assert got["box_fraction"] == pytest.approx(10 * 9 / (112 * 84))
+    cut = maps.roi_scores(sim, breast, [(30, 75, 40, 84)])  # the box cut at the skin line
+    assert got == cut                              # the air part of the box changes nothing
+    assert maps.roi_scores(sim, breast, [(30, 90, 40, 105)]) is None  # box wholly in the air
+
+
 def test_boxes_from_records_onto_the_canvas():
     assert maps.record_boxes({"image_id": b"x"}) == []          # dataset from before the field
     assert maps.record_boxes({"roi_boxes": b""}) == []

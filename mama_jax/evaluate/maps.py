@@ -210,44 +210,51 @@ def _cell_means(mask: np.ndarray, gh: int, gw: int) -> np.ndarray:
 
 
 def roi_scores(sim_map: np.ndarray, breast: np.ndarray, boxes) -> dict | None:
-    """How strongly a map lights up the lesion boxes (None without a box on the canvas).
+    """How strongly a map lights up the lesion boxes (None when no box reaches the breast).
 
     sim_map: patch cosines [gh, gw] over a square canvas; breast: bool [R, R] breast mask
     of that canvas; boxes: (y0, x0, y1, x1) canvas pixels, taken together (ROIs are not
-    typed, so a mass and a calcification box of one image count as one lesion area).
+    typed, so a mass and a calcification box of one image count as one lesion area) and
+    cut to the breast: a box reaching past the skin line must not score the background.
       lift         mean heat in the boxes / mean heat over the breast, heat = the map
                    upsampled as drawn and min-max normalised over the breast; 1 = no
                    preference, above 1 = the lesion is lit.
-      peak_rank    rank of the hottest patch touching a box among it and the breast's other
-                   patches (cells at least half breast); 1 = the map's peak is on the lesion.
+      peak_rank    rank of the hottest box cell (a cell at least half breast that the cut
+                   boxes touch) among it and the breast's other cells (also at least half
+                   breast); 1 = the map's peak is on the lesion.
       peak_percentile  % of those other patches colder than that patch.
       hit          peak_rank == 1 (the pointing game); chance_hit is its rate for a map
                    of random values: box patches / all competing patches.
     """
     sim_map = np.asarray(sim_map, np.float32)
     breast = np.asarray(breast, bool)
+    if not breast.any():
+        breast = np.ones_like(breast)
     region = np.zeros(breast.shape, bool)
     for y0, x0, y1, x1 in boxes:
         region[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+    region &= breast
     if not region.any():
         return None
-    if not breast.any():
-        breast = np.ones_like(breast)
     up = upsample(sim_map, *breast.shape)
     lo, hi = float(up[breast].min()), float(up[breast].max())
     heat = np.clip((up - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.ones_like(up)
     lift = float(heat[region].mean() / max(float(heat[breast].mean()), 1e-12))
 
     gh, gw = sim_map.shape
-    in_box = _cell_means(region, gh, gw) > 0
-    others = (_cell_means(breast, gh, gw) >= 0.5) & ~in_box
+    # Competing cells are those at least half breast, box cells too where there are
+    # any (a cell that is mostly background scores the background).
+    breast_cells = _cell_means(breast, gh, gw) >= 0.5
+    touched = _cell_means(region, gh, gw) > 0
+    in_box = touched & breast_cells if (touched & breast_cells).any() else touched
+    others = breast_cells & ~in_box
     peak = float(sim_map[in_box].max())
     rest = sim_map[others]
     rank = 1 + int((rest > peak).sum())
     return {"lift": lift, "peak_rank": rank,
             "peak_percentile": float(100.0 * (rest < peak).mean()) if rest.size else 100.0,
             "hit": rank == 1, "chance_hit": float(in_box.sum() / (in_box.sum() + others.sum())),
-            "box_fraction": float((region & breast).sum() / breast.sum())}
+            "box_fraction": float(region.sum() / breast.sum())}
 
 
 def summarise_scores(scores: list[dict]) -> dict:
