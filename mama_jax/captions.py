@@ -69,6 +69,8 @@ DENSITY_DESC = {
 }
 DENSITY_CLASSES = (1, 2, 3, 4)  # density task label = value - 1
 DENSE_NOTE = "This may lower the sensitivity of mammography."
+# Opening of the sentence that describes a mass (written by _findings_line).
+MASS_SENTENCE = "The mass"
 DENSE_VALUES = (3, 4)
 
 # RSNA cancer prompts (§4.1): finding, impression category, impression/assessment desc.
@@ -223,7 +225,7 @@ def _findings_line(k: int, fields: Mapping[str, Any] | None = None) -> str:
     if fields is not None:
         # The official template adds each only when both of its codes decode.
         if fields["mass_shape"] and fields["mass_density"]:
-            line += f" The mass is {fields['mass_shape']} and {fields['mass_density']}."
+            line += f" {MASS_SENTENCE} is {fields['mass_shape']} and {fields['mass_density']}."
         if fields["calc_type"] and fields["calc_distribution"]:
             line += f" A {fields['calc_distribution']} {fields['calc_type']} calcification is present."
     return line
@@ -300,7 +302,7 @@ def build_caption(record: Mapping[str, Any], *, style: str = "structured",
 
 # Openings of the structured caption's sentences, for naming a sentence's kind.
 SENTENCE_KINDS = ("Procedure reported", "Reason for procedure", "Patient info", "Image info",
-                  "Breast composition", DENSE_NOTE.rstrip("."), "Findings", "The mass",
+                  "Breast composition", DENSE_NOTE.rstrip("."), "Findings", MASS_SENTENCE,
                   "Impressions", "Overall Assessment")
 
 

@@ -35,7 +35,6 @@ from mama_jax.models.tokenizer import SENTENCE_ENDS, encode_captions  # noqa: E4
 
 MAPS_DIR = "maps"
 MAPS_JSON = "maps.json"
-MASS_SENTENCE = "The mass"
 HEAT_ALPHA = 0.45
 COLORMAP = "jet"
 
@@ -351,9 +350,9 @@ def run(cfg, workdir: str) -> dict:
         caption = captions.build_caption(record, style="structured", mask_prob=0.0)
         sentences = split_sentences(caption)
         queries = [cfg.sentence] if index in drawn else []  # scored-only records draw nothing
-        if queries and cfg.sentence != MASS_SENTENCE and any(s.startswith(MASS_SENTENCE)
-                                                             for s in sentences):
-            queries.append(MASS_SENTENCE)
+        mass = captions.MASS_SENTENCE
+        if queries and cfg.sentence != mass and any(s.startswith(mass) for s in sentences):
+            queries.append(mass)
         image = eval_transform(record["image"], size)
         canvas = eval_geometry(record["image"], display)
         boxes = canvas_boxes(record_boxes(record), record["image"].shape, display)
