@@ -111,6 +111,7 @@ def restore_classifier(workdir: str, task: str, *, step: int | None = None):
         info = json.load(f)
     pretrain_cfg = restore.load_pretrain_config(info["pretrain_workdir"])
     pretrain_cfg.model.dtype = info["dtype"]
-    vision, _ = restore.restore_vision(info["pretrain_workdir"], cfg=pretrain_cfg)
-    net = Classifier(vision, info["num_classes"], rngs=nnx.Rngs(0))
+    # The fine-tune checkpoint holds the whole classifier, ViT included: the pretraining
+    # checkpoint is not read, the tower only gives the shapes to restore into.
+    net = Classifier(factory.vision_tower(pretrain_cfg), info["num_classes"], rngs=nnx.Rngs(0))
     return restore.restore_split(net, trainable_filter(), os.path.join(folder, "checkpoints"), step)

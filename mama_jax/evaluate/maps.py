@@ -245,7 +245,9 @@ def roi_scores(sim_map: np.ndarray, breast: np.ndarray, boxes) -> dict | None:
     # any (a cell that is mostly background scores the background).
     breast_cells = _cell_means(breast, gh, gw) >= 0.5
     touched = _cell_means(region, gh, gw) > 0
-    in_box = touched & breast_cells if (touched & breast_cells).any() else touched
+    in_box = touched & breast_cells
+    if not in_box.any():
+        in_box = touched
     others = breast_cells & ~in_box
     peak = float(sim_map[in_box].max())
     rest = sim_map[others]
