@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
         simclr_out=512,
         text_pool="last",             # masked_mean | official (D7)
         max_sentences=16,
+        sentence_features="sep",      # sep (paper) | token_mean (no context; the demo's choice)
         freeze_llm=False,             # D5: LoRA frozen too (the official run's effective setting)
         train_text_base=False,        # train the whole decoder (random-init runs such as the demo)
         lora_rank=8,

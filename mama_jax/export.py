@@ -43,7 +43,8 @@ STATE_DIR = "state"
 TOKENIZER_DIR = "tokenizer"
 VIT_HF_DIR = "vit_hf"
 # config.json model fields that model_config.json must agree with.
-_SHARED_FIELDS = ("embed_dim", "local_hidden", "simclr_out", "text_pool", "max_sentences")
+_SHARED_FIELDS = ("embed_dim", "local_hidden", "simclr_out", "text_pool", "max_sentences",
+                  "sentence_features")
 _TOKENIZER_PROBE = "Procedure: screening mammogram. Breast composition: dense; BI-RADS Category 1."
 
 

@@ -126,7 +126,10 @@ def model(cfg, tok: tok_lib.TextTokenizer) -> mama.MaMA:
     mcfg = mama.MaMAConfig(vit=vision.cfg, text=lm.cfg, sep_id=tok.sep_id,
                            embed_dim=cfg.model.embed_dim, local_hidden=cfg.model.local_hidden,
                            simclr_out=cfg.model.simclr_out, text_pool=cfg.model.text_pool,
-                           max_sentences=cfg.model.max_sentences, freeze_llm=cfg.model.freeze_llm,
+                           max_sentences=cfg.model.max_sentences,
+                           # runs saved before the option existed used SEP states
+                           sentence_features=cfg.model.get("sentence_features", "sep"),
+                           freeze_llm=cfg.model.freeze_llm,
                            train_text_base=cfg.model.train_text_base)
 
     def init():

@@ -12,7 +12,6 @@ from configs import report as report_config
 from mama_jax import captions, data, factory
 from mama_jax.augment import eval_transform
 from mama_jax.evaluate import maps, report, restore
-from mama_jax.models import text as text_lib
 from mama_jax.models.tokenizer import encode_captions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -77,10 +76,18 @@ def test_map_is_the_cosine_of_the_local_embeddings(restored, mass_record):
     _, patch_tokens = model.image_features(image[None])
     patches = _unit(model.img_local(patch_tokens, train=False))[0]
     enc = encode_captions(tok, [caption], 160)
-    hidden = model.text_states(enc.input_ids, enc.attention_mask, train=False)
-    sent, valid = text_lib.sentence_features(hidden, enc.input_ids, model.cfg.sep_id,
-                                             model.cfg.max_sentences)
-    sent = _unit(model.txt_local(sent, valid, train=False))[0]
+    ids = np.asarray(enc.input_ids)[0]
+    seps = np.nonzero(ids == model.cfg.sep_id)[0][:model.cfg.max_sentences]
+    if model.cfg.sentence_features == "token_mean":  # each sentence's mean token embedding
+        embeds = np.asarray(model.text.embed_tokens(enc.input_ids))[0]
+        starts = np.concatenate([[0], seps[:-1] + 1])
+        rows = [embeds[a:b + 1].mean(0) for a, b in zip(starts, seps)]
+    else:  # the LM's state at each SEP
+        hidden = np.asarray(model.text_states(enc.input_ids, enc.attention_mask, train=False))[0]
+        rows = [hidden[p] for p in seps]
+    rows += [np.zeros_like(rows[0])] * (model.cfg.max_sentences - len(rows))
+    valid = np.arange(model.cfg.max_sentences)[None] < len(seps)
+    sent = _unit(model.txt_local(np.stack(rows)[None], valid, train=False))[0]
     expected = (patches @ sent[k]).reshape(sim.shape)
     np.testing.assert_allclose(sim, expected, atol=1e-5)
 

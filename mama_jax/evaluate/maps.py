@@ -30,7 +30,6 @@ from data_prep import schema  # noqa: E402  (the record contract: roi_boxes)
 from mama_jax import captions, data, losses  # noqa: E402
 from mama_jax.augment import canvas_layout, eval_geometry, eval_transform  # noqa: E402
 from mama_jax.evaluate import extract, restore  # noqa: E402
-from mama_jax.models import text as text_lib  # noqa: E402
 from mama_jax.models.tokenizer import SENTENCE_ENDS, encode_captions  # noqa: E402
 
 MAPS_DIR = "maps"
@@ -70,8 +69,7 @@ def _local_embeddings(model, images, input_ids, attention_mask):
     _, patch_tokens = model.image_features(images)
     patches = losses.l2_normalize(model.img_local(patch_tokens, train=False).astype(np.float32))
     hidden = model.text_states(input_ids, attention_mask, train=False)
-    sent, valid = text_lib.sentence_features(hidden, input_ids, model.cfg.sep_id,
-                                             model.cfg.max_sentences)
+    sent, valid = model.sentence_inputs(hidden, input_ids)
     sent = losses.l2_normalize(model.txt_local(sent, valid, train=False).astype(np.float32))
     return patches, sent, valid
 

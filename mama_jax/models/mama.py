@@ -4,7 +4,8 @@ Features (spec/reference_behaviour.md §1):
 - image global g(x): mean of the ViT's pre-norm states over all tokens -> Linear -> d;
 - image local: the post-norm patch tokens -> TokenMLP -> d;
 - text global: the hidden state at the last non-padding token (D7) -> Linear -> d;
-- text local: hidden states at every SEP token -> TokenMLP (masked BN) -> d;
+- text local: hidden states at every SEP token -> TokenMLP (masked BN) -> d (or, by
+  option, each sentence's mean input-token embedding: see MaMAConfig.sentence_features);
 - SimCLR head on g(x) for the image-image loss (D15).
 """
 
@@ -23,6 +24,10 @@ from mama_jax.models.text import TextConfig, TextDecoder
 from mama_jax.models.vit import ViTConfig, VisionTransformer
 
 TEXT_POOLS = ("last", "masked_mean", "official")
+# "sep": the LM's state at each sentence's SEP (paper). "token_mean": the mean input
+# embedding of each sentence's tokens, no context: for from-scratch demo LMs, whose SEP
+# states stay too alike for any sentence map to find its finding (configs/demo.py).
+SENTENCE_FEATURES = ("sep", "token_mean")
 # Vision parameters that never train: the final norm only feeds the local
 # branch in the official model and is frozen there; the mask token is unused.
 FROZEN_VISION = ("norm", "mask_token")
@@ -39,6 +44,7 @@ class MaMAConfig:
     simclr_out: int = 512
     text_pool: str = "last"
     max_sentences: int = 16
+    sentence_features: str = "sep"
     init_log_scale: float = math.log(1 / 0.07)
     freeze_llm: bool = False  # D5: LoRA frozen too (the official run's effective setting)
     train_text_base: bool = False  # the whole decoder trains (random-init demo only)
@@ -46,6 +52,9 @@ class MaMAConfig:
     def __post_init__(self):
         if self.text_pool not in TEXT_POOLS:
             raise ValueError(f"MaMAConfig.text_pool={self.text_pool!r}; choose from {TEXT_POOLS}")
+        if self.sentence_features not in SENTENCE_FEATURES:
+            raise ValueError(f"MaMAConfig.sentence_features={self.sentence_features!r}; "
+                             f"choose from {SENTENCE_FEATURES}")
 
 
 class MaMA(nnx.Module):
@@ -92,6 +101,13 @@ class MaMA(nnx.Module):
             return text_lib.masked_mean(hidden, attention_mask)
         return hidden.astype(jnp.float32).mean(axis=1)  # official: pads included (D7)
 
+    def sentence_inputs(self, hidden, input_ids):
+        """What the text local head sees: ([B, S, Dt] per sentence, valid mask [B, S])."""
+        if self.cfg.sentence_features == "token_mean":
+            return text_lib.sentence_token_means(self.text.embed_tokens(input_ids), input_ids,
+                                                 self.cfg.sep_id, self.cfg.max_sentences)
+        return text_lib.sentence_features(hidden, input_ids, self.cfg.sep_id, self.cfg.max_sentences)
+
     def encode_texts(self, input_ids, attention_mask) -> jax.Array:
         """Global text embeddings [B, d] (not normalised)."""
         hidden = self.text_states(input_ids, attention_mask, train=False)
@@ -110,8 +126,7 @@ class MaMA(nnx.Module):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         hidden = self.text_states(ids, mask, train=train, rngs=rngs)
         txt_global = self.txt_global(self.pool_text(hidden, mask))
-        sent, sent_mask = text_lib.sentence_features(hidden, ids, self.cfg.sep_id,
-                                                     self.cfg.max_sentences)
+        sent, sent_mask = self.sentence_inputs(hidden, ids)
         sent = self.txt_local(sent, sent_mask, train=train)
         return {
             "img_global_1": img_global[:b], "img_global_2": img_global[b:],

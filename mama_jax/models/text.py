@@ -322,18 +322,42 @@ def sentence_features(hidden: jax.Array, input_ids: jax.Array, sep_id: int,
     Slots past a caption's SEP count are zeros and masked; SEPs beyond
     `max_sentences` are dropped.
     """
-    B, L, _ = hidden.shape
+    L = hidden.shape[1]
     is_sep = input_ids == sep_id
     # Stable sort puts SEP positions first, in their original order.
     order = jnp.argsort(~is_sep, axis=1, stable=True)
     if max_sentences > L:
         order = jnp.pad(order, ((0, 0), (0, max_sentences - L)))
     pos = order[:, :max_sentences]
-    count = jnp.sum(is_sep, axis=1)
-    valid = jnp.arange(max_sentences)[None, :] < count[:, None]
+    valid = _valid_sentences(is_sep, max_sentences)
     feats = jnp.take_along_axis(hidden, pos[:, :, None], axis=1)
     feats = jnp.where(valid[:, :, None], feats, jnp.zeros((), hidden.dtype))
     return feats, valid
+
+
+def sentence_token_means(token_embeds: jax.Array, input_ids: jax.Array, sep_id: int,
+                         max_sentences: int) -> tuple[jax.Array, jax.Array]:
+    """Per sentence, the mean of its tokens' input embeddings: ([B, S, D], valid [B, S]).
+
+    A sentence is its SEP and the tokens since the previous SEP (BOS included for the
+    first). No context enters, unlike the SEP states of `sentence_features`. Slots and
+    the valid mask are those of `sentence_features`; tokens after the last SEP (EOS,
+    padding) belong to no valid slot.
+    """
+    is_sep = input_ids == sep_id
+    sentence = jnp.cumsum(is_sep, axis=1) - is_sep          # SEPs before each token
+    member = jax.nn.one_hot(sentence, max_sentences, dtype=jnp.float32)  # [B, L, S]
+    sums = jnp.einsum("bls,bld->bsd", member, token_embeds.astype(jnp.float32))
+    means = sums / jnp.maximum(member.sum(axis=1), 1.0)[:, :, None]
+    valid = _valid_sentences(is_sep, max_sentences)
+    feats = jnp.where(valid[:, :, None], means, 0.0).astype(token_embeds.dtype)
+    return feats, valid
+
+
+def _valid_sentences(is_sep: jax.Array, max_sentences: int) -> jax.Array:
+    """[B, S]: slot s holds a sentence (the caption has more than s SEPs)."""
+    count = jnp.sum(is_sep, axis=1)
+    return jnp.arange(max_sentences)[None, :] < count[:, None]
 
 
 def masked_mean(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:

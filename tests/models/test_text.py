@@ -12,8 +12,8 @@ from flax import nnx
 from mama_jax.models.convert_gpt2 import gpt2_state_from_tensors, load_gpt2, text_config_from_hf
 from mama_jax.models.lora import LoRAConfig
 from mama_jax.models.text import (TextDecoder, attention_with_dropout, last_token_features, masked_mean,
-                                  sentence_features, text_config, text_config_from_dict,
-                                  text_config_to_dict)
+                                  sentence_features, sentence_token_means, text_config,
+                                  text_config_from_dict, text_config_to_dict)
 from mama_jax.models.weights import ConversionError, load_tensors
 
 torch = pytest.importorskip("torch")
@@ -274,6 +274,27 @@ def test_sentence_features(hand_batch, max_sentences):
     feats, valid = fn(hidden, ids, SEP, max_sentences)
     np.testing.assert_array_equal(valid, want_mask)
     np.testing.assert_array_equal(feats, want)
+
+
+@pytest.mark.parametrize("max_sentences", [2, 4, 10])
+def test_sentence_token_means(hand_batch, max_sentences):
+    embeds, ids, _ = hand_batch  # the hidden states stand in for token embeddings
+    want = np.zeros((3, max_sentences, 5), np.float32)
+    want_mask = np.zeros((3, max_sentences), bool)
+    for b in range(3):
+        start = 0
+        for s, sep in enumerate(np.nonzero(ids[b] == SEP)[0]):
+            if s < max_sentences:  # tokens since the previous SEP, this SEP included
+                want[b, s], want_mask[b, s] = embeds[b, start:sep + 1].mean(0), True
+            start = sep + 1
+    fn = jax.jit(sentence_token_means, static_argnums=(2, 3))
+    feats, valid = fn(embeds, ids, SEP, max_sentences)
+    np.testing.assert_array_equal(valid, want_mask)
+    np.testing.assert_allclose(feats, want, rtol=1e-6, atol=1e-7)
+    # A sentence's mean ignores every other token: change all of them, it stays.
+    others = np.where((np.arange(8) < 3)[None, :, None], embeds, -embeds)
+    again, _ = fn(others, ids, SEP, max_sentences)
+    np.testing.assert_allclose(np.asarray(again)[0, 0], want[0, 0], rtol=1e-6)
 
 
 def test_masked_mean(hand_batch):
