@@ -28,10 +28,11 @@ def get_config(arg: str | None = None):
     # Sentence features for the local loss: the mean embedding of each sentence's own
     # tokens, not the LM's SEP states (the paper's, with a pretrained LLM). The SEP states
     # of this from-scratch 2-layer LM stay alike across sentences, and no sentence's map
-    # then finds its finding: over a dozen 600-step variants, the mass sentence's map was
-    # colder on the mass than on the breast's mean (lift 0.6-1.1), also with the LM warmed
-    # up on the captions or each sentence encoded alone; with token means it lights the
-    # mass (test lift ~1.3, pointing hits ~3x chance).
+    # then finds its finding: over a dozen 600-step variants the mass sentence's map was
+    # at best barely warmer on the mass than on the rest of the breast (lift 0.6-1.1,
+    # pointing hits near chance), also with the LM first warmed up on the captions or
+    # each sentence encoded on its own; with token means it lights the mass (test lift
+    # ~1.3, pointing hits ~3x chance).
     c.model.update(dict(
         vit="tiny", num_registers=4, text="tiny", tokenizer="", random_init=True,
         train_text_base=True, vit_layerscale_init=1.0, sentence_features="token_mean",

@@ -78,17 +78,23 @@ def _lora(cfg) -> LoRAConfig:
                       targets=tuple(m.lora_targets))
 
 
-def vision_tower(cfg, dtype=None) -> vit.VisionTransformer:
+def vision_tower(cfg, dtype=None, *, shapes_only: bool = False) -> vit.VisionTransformer:
     """The configured ViT: the source weights when model.vit_weights is set, else an
-    abstract (shape-only) tower that a checkpoint restore or `model` fills."""
+    abstract (shape-only) tower that a checkpoint restore or `model` fills.
+
+    shapes_only: abstract in every case; the architecture still comes from
+    model.vit_weights when set (its config, not its weights, is read).
+    """
     dtype = jnp.dtype(cfg.model.dtype) if dtype is None else dtype
     m = cfg.model
     overrides = dict(attention_impl=m.attention_impl or None)
     if m.vit_weights:
         if os.path.exists(os.path.join(m.vit_weights, convert.TOWER_FILE)):
-            return convert.load_tower(m.vit_weights, expect="dinov2")
-        return convert.load_dinov2(m.vit_weights, dtype=dtype, scan_layers=m.scan_layers,
-                                   remat=m.remat, config_overrides=overrides)
+            load = convert.abstract_tower if shapes_only else convert.load_tower
+            return load(m.vit_weights, expect="dinov2")
+        load = convert.abstract_dinov2 if shapes_only else convert.load_dinov2
+        return load(m.vit_weights, dtype=dtype, scan_layers=m.scan_layers, remat=m.remat,
+                    config_overrides=overrides)
     if not m.random_init:
         require_path("", "model.vit_weights", "point it at dinov2_vitb14_reg4_pretrain.pth, a "
                      "transformers Dinov2 folder or a converted tower, or set "

@@ -54,3 +54,25 @@ def test_vision_restore_refuses_another_vit_size(pretrained_workdir):
     cfg.model.num_registers = 0  # the checkpoint's ViT has 4 register tokens
     with pytest.raises(checkpoint.CheckpointMismatchError, match="register_tokens"):
         restore.restore_vision(pretrained_workdir, cfg=cfg)
+
+
+def test_vision_restore_takes_only_the_architecture_from_vit_weights(pretrained_workdir, tmp_path,
+                                                                      monkeypatch):
+    """A run started from DINOv2 weights: restoring its ViT reads the source's config, not
+    its weights (the checkpoint overwrites every one of them)."""
+    from mama_jax.models import convert_dinov2
+    from mama_jax.models.export_hf import export_dinov2_hf
+
+    want, _ = restore.restore_vision(pretrained_workdir)
+    source = export_dinov2_hf(want, str(tmp_path / "dinov2"))  # stands in for the source weights
+    cfg = restore.load_pretrain_config(pretrained_workdir)
+    cfg.model.vit_weights = source
+
+    def no_weights(*_):
+        raise AssertionError("restore_vision read the source weights")
+
+    monkeypatch.setattr(convert_dinov2, "load_tensors", no_weights)
+    got, _ = restore.restore_vision(pretrained_workdir, cfg=cfg)
+    assert got.cfg.hidden == want.cfg.hidden and got.cfg.num_registers == want.cfg.num_registers
+    images = np.random.default_rng(1).normal(size=(2, 56, 56, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(got(images).prenorm), np.asarray(want(images).prenorm))

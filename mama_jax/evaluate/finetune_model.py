@@ -113,5 +113,6 @@ def restore_classifier(workdir: str, task: str, *, step: int | None = None):
     pretrain_cfg.model.dtype = info["dtype"]
     # The fine-tune checkpoint holds the whole classifier, ViT included: the pretraining
     # checkpoint is not read, the tower only gives the shapes to restore into.
-    net = Classifier(factory.vision_tower(pretrain_cfg), info["num_classes"], rngs=nnx.Rngs(0))
+    net = Classifier(factory.vision_tower(pretrain_cfg, shapes_only=True), info["num_classes"],
+                     rngs=nnx.Rngs(0))
     return restore.restore_split(net, trainable_filter(), os.path.join(folder, "checkpoints"), step)

@@ -87,11 +87,12 @@ def restore_vision(pretrain_workdir: str, *, step: int | None = None,
     """(vision tower, step): the ViT of a pretraining checkpoint, on one device.
 
     Reads only the ViT's arrays: the text tower is neither built nor loaded (at the
-    paper's size that is 2.6B parameters that fine-tuning would drop). A checkpoint
+    paper's size that is 2.6B parameters that fine-tuning would drop), and of
+    model.vit_weights only the architecture (its config, not its weights). A checkpoint
     of another ViT size stops with a CheckpointMismatchError naming the parameter.
     """
     cfg = cfg or load_pretrain_config(pretrain_workdir)
-    vision = factory.vision_tower(cfg)
+    vision = factory.vision_tower(cfg, shapes_only=True)
     folder = os.path.join(pretrain_workdir, "checkpoints")
     ckpt = checkpoint.Checkpointer(folder, async_save=False)
     try:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mama_jax.models.convert_dinov2 import load_dinov2  # noqa: F401 (public API)
+from mama_jax.models.convert_dinov2 import abstract_dinov2, load_dinov2  # noqa: F401 (public API)
 from mama_jax.models.convert_gpt2 import load_gpt2  # noqa: F401 (public API)
 from mama_jax.models.text import TextDecoder, text_config_from_dict, text_config_to_dict
 from mama_jax.models.vit import VisionTransformer, vit_config_from_dict, vit_config_to_dict
@@ -55,8 +55,9 @@ def save_tower(model, dst: str) -> None:
         json.dump({"kind": kind, "config": KINDS[kind][1](model.cfg)}, f, indent=2)
 
 
-def load_tower(path: str, *, expect: str | None = None):
-    """Restore a tower written by save_tower; `expect` guards against the wrong kind."""
+def abstract_tower(path: str, *, expect: str | None = None):
+    """The shape-only tower that save_tower wrote under path (its tower.json only);
+    `expect` guards against the wrong kind."""
     meta_path = os.path.join(path, TOWER_FILE)
     if not os.path.exists(meta_path):
         raise ConversionError(f"{path}: no {TOWER_FILE}; not a converted tower "
@@ -70,7 +71,14 @@ def load_tower(path: str, *, expect: str | None = None):
         raise ConversionError(f"{path}: holds a {kind} tower, expected {expect}")
     cls, _, from_dict = KINDS[kind]
     cfg = from_dict(meta["config"])
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+    return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+
+
+def load_tower(path: str, *, expect: str | None = None):
+    """Restore a tower written by save_tower; `expect` guards against the wrong kind."""
+    abstract_model = abstract_tower(path, expect=expect)
+    kind = _kind_of(abstract_model)
+    graphdef, abstract = nnx.split(abstract_model)
     target = nnx.to_pure_dict(abstract)
     with ocp.StandardCheckpointer() as ckptr:
         try:

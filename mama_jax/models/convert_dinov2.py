@@ -23,7 +23,7 @@ from flax import nnx, traverse_util
 
 from mama_jax.models.vit import (ViTConfig, VisionTransformer, vit_config_from_dict,
                                  vit_config_to_dict)
-from mama_jax.models.weights import ConversionError, StrictTensors, load_tensors
+from mama_jax.models.weights import ConversionError, StrictTensors, file_shapes, load_tensors
 
 __all__ = [
     "ConversionError", "Dinov2Checkpoint", "detect_naming", "dinov2_state_from_tensors",
@@ -292,6 +292,29 @@ def _nonempty(tensors: dict, source: str) -> dict:
     if not tensors:
         raise ConversionError(f"{source}: checkpoint holds no tensors")
     return tensors
+
+
+def dinov2_config(path: str, *, hub_heads: int | None = None) -> ViTConfig:
+    """The ViTConfig of a DINOv2 checkpoint, read without its weights (`read_dinov2`'s cfg)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _hf_config(path, path)[0]
+    shapes = _nonempty(file_shapes(path), path)
+    if detect_naming(shapes, path) == "hf":
+        return _hf_config(os.path.dirname(path), path)[0]
+    return hub_config_from_tensors(shapes, path, hub_heads)
+
+
+def abstract_dinov2(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                    scan_layers: bool = False, remat: bool = False,
+                    config_overrides: dict | None = None) -> VisionTransformer:
+    """The shape-only tower that `load_dinov2` (same arguments) would fill: for a
+    restore that overwrites every weight anyway."""
+    overrides = dict(config_overrides or {})
+    cfg = dataclasses.replace(dinov2_config(path, hub_heads=overrides.get("heads")), dtype=dtype,
+                              param_dtype=param_dtype, scan_layers=scan_layers, remat=remat,
+                              **overrides)
+    return nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))
 
 
 def load_dinov2(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,

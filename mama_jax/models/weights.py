@@ -32,15 +32,44 @@ def _torch_to_numpy(state: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _load_torch_file(path: str) -> dict[str, np.ndarray]:
+def _torch_state(path: str, *, mmap: bool = False) -> dict:
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     # torch-hub and Lightning files sometimes nest the weights.
     for key in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    return _torch_to_numpy(state)
+    return state
+
+
+def _load_torch_file(path: str) -> dict[str, np.ndarray]:
+    return _torch_to_numpy(_torch_state(path))
+
+
+def file_shapes(path: str) -> dict[str, np.ndarray]:
+    """A checkpoint file's tensor names and shapes, without reading its data.
+
+    Each value is a zero-byte stand-in (a broadcast scalar) with the tensor's shape:
+    enough for code that infers a config from shapes. safetensors: the header only;
+    torch files: memory-mapped (the zip format that torch has written since 1.6).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    elif path.endswith((".bin", ".pth", ".pt")):
+        import torch
+
+        shapes = {k: tuple(v.shape) for k, v in _torch_state(path, mmap=True).items()
+                  if isinstance(v, torch.Tensor)}
+    else:
+        raise ConversionError(f"{path}: unknown checkpoint format (want .safetensors, .bin or .pth)")
+    return {k: np.broadcast_to(np.float32(0), shape) for k, shape in shapes.items()}
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:

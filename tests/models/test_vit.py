@@ -10,11 +10,12 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from mama_jax.models.convert_dinov2 import (dinov2_state_from_tensors, hub_config_from_tensors,
-                                            load_dinov2, read_dinov2)
+from mama_jax.models import convert_dinov2
+from mama_jax.models.convert_dinov2 import (abstract_dinov2, dinov2_state_from_tensors,
+                                            hub_config_from_tensors, load_dinov2, read_dinov2)
 from mama_jax.models.vit import (VisionTransformer, vit_config, vit_config_from_dict,
                                  vit_config_to_dict)
-from mama_jax.models.weights import ConversionError
+from mama_jax.models.weights import ConversionError, file_shapes, load_tensors
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -278,3 +279,28 @@ def test_gpt2_checkpoint_is_rejected(hf_models, tmp_path):
         load_dinov2(str(gpt2))
     msg = str(err.value)
     assert "embeddings.cls_token" in msg and "wte.weight" in msg
+
+
+def test_shape_only_tower_reads_no_weights(hf_models, tmp_path, monkeypatch):
+    """abstract_dinov2 gives load_dinov2's architecture from config.json or the file's
+    shapes alone: with the weight reader broken it still works."""
+    _, folder = hf_models["reg"]
+    pth = tmp_path / "dinov2_tiny_reg4_pretrain.pth"
+    torch.save(_hf_to_hub(_hf_state(folder)), pth)
+    sources = {"hf folder": (folder, None),
+               "hf safetensors file": (os.path.join(folder, "model.safetensors"), None),
+               "hub pth": (str(pth), {"heads": 2})}
+    loaded = {name: load_dinov2(path, config_overrides=heads) for name, (path, heads) in sources.items()}
+    tensors, shapes = load_tensors(str(pth)), file_shapes(str(pth))
+    assert {k: v.shape for k, v in shapes.items()} == {k: v.shape for k, v in tensors.items()}
+    assert all(not any(v.strides) for v in shapes.values())  # stand-ins: no data behind them
+
+    def no_weights(*_):
+        raise AssertionError("weights read")
+
+    monkeypatch.setattr(convert_dinov2, "load_tensors", no_weights)
+    for name, (path, heads) in sources.items():
+        abstract = abstract_dinov2(path, config_overrides=heads)
+        assert abstract.cfg == loaded[name].cfg, name
+        want = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(loaded[name]))
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(abstract)) == want, name
