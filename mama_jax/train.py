@@ -163,37 +163,55 @@ def train(cfg, workdir: str) -> dict:
     def save(step):
         run.save(ckpt, step, iterator)
 
+    def check(done, out, data_wait_s):
+        """Read a finished step's scalars (waits for that step only) and stop on a bad loss."""
+        nonlocal clock
+        values = sharding.local_scalars(out)
+        if not math.isfinite(values["total"]):
+            raise NonFiniteLossError(
+                f"step {done}: loss is {values['total']} (terms: {values}); stopped without "
+                f"saving, the last good checkpoint in {ckpt.directory} is step {ckpt.latest_step()}")
+        now = time.perf_counter()
+        window.add(values, cfg.data.global_batch_size, now - clock, data_wait_s)
+        clock = now
+        return values
+
     bar = tqdm(total=steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=proc != 0)
+    clock = time.perf_counter()
+    pending = None  # (step number, outputs, data wait) of the step dispatched last, unread
     try:
         with StopFlag() as stop:
             for step in range(start, steps):
                 t0 = time.perf_counter()
                 batch = next(iterator)
-                t1 = time.perf_counter()
+                data_wait_s = time.perf_counter() - t0
                 global_batch = sharding.shard_batch({k: batch[k] for k in STEP_INPUTS}, mesh)
                 if step == start:
                     run.compile(global_batch)
                     sharding.barrier("compiled")  # hosts enter the first collective together
                 opt_step = step // cfg.optim.grad_accum
                 out = run.step(global_batch, opt_step, jax.random.fold_in(base_key, step))
-                # Scalars only; the sync means a bad step never reaches a checkpoint.
-                values = sharding.local_scalars(out)
-                if not math.isfinite(values["total"]):
-                    raise NonFiniteLossError(
-                        f"step {step + 1}: loss is {values['total']} (terms: {values}); stopped "
-                        f"without saving, the last good checkpoint in {ckpt.directory} is step "
-                        f"{ckpt.latest_step()}")
-                window.add(values, cfg.data.global_batch_size, time.perf_counter() - t0, t1 - t0)
+                # The previous step's scalars are read only now, with this step already
+                # queued: the device never idles while the host fetches and copies a batch.
+                if pending is not None:
+                    check(*pending)
                 done = step + 1
+                pending = (done, out, data_wait_s)
                 bar.update()
-                if done % log_every == 0 or done == steps:
+                log = done % log_every == 0 or done == steps
+                keep = done % cfg.train.checkpoint_every == 0 or done == steps
+                stopping = sharding.any_process(stop.signal is not None)
+                if log or keep or stopping:
+                    values = check(*pending)  # a bad step never reaches a log line or checkpoint
+                    pending = None
+                if log:
                     last = window.flush(lr=float(lr_at(opt_step)))
                     writer.write(done, last)
                     bar.set_postfix(loss=f"{last['total']:.4f}", w=f"{values['w']:.0f}")
-                if done % cfg.train.checkpoint_every == 0 or done == steps:
+                if keep:
                     save(done)
-                if sharding.any_process(stop.signal is not None):
+                if stopping:
                     if done % cfg.train.checkpoint_every and done != steps:
                         save(done)
                     bar.write(f"{stop.signal or 'stop on another process'}: saved step {done}, exiting")

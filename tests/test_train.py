@@ -148,8 +148,12 @@ def test_resume_after_sigkill_and_sigterm_reproduces_the_straight_run(tiny_datas
     assert latest == max(logged) and latest >= 6
 
 
+@pytest.mark.parametrize("checkpoint_every, last_good", [(1, 2), (4, None)])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path,
-                                                                  monkeypatch):
+                                                                  monkeypatch, checkpoint_every,
+                                                                  last_good):
+    """Step 3 gives NaN. Every 4 steps: the loop reads step 3's loss after it has queued
+    step 4, and must still stop before step 4's checkpoint."""
     real_step = train.Run.step
 
     def poisoned(self, global_batch, opt_step, key):
@@ -157,10 +161,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, 
         return dict(out, total=out["total"] * np.nan) if opt_step == 2 else out
 
     monkeypatch.setattr(train.Run, "step", poisoned)
-    cfg = _config(tiny_dataset, checkpoint_every=1)
+    cfg = _config(tiny_dataset, checkpoint_every=checkpoint_every, log_every=100)
     with pytest.raises(train.NonFiniteLossError, match="step 3: loss is nan"):
         train.train(cfg, str(tmp_path))
-    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == last_good
 
 
 def test_missing_dataset_dir_names_the_field(tmp_path):
