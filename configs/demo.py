@@ -31,8 +31,10 @@ def get_config(arg: str | None = None):
     # then finds its finding: over a dozen 600-step variants the mass sentence's map was
     # at best barely warmer on the mass than on the rest of the breast (lift 0.6-1.1,
     # pointing hits near chance), also with the LM first warmed up on the captions or
-    # each sentence encoded on its own; with token means it lights the mass (test lift
-    # ~1.3, pointing hits ~3x chance).
+    # each sentence encoded on its own. With token means the mass sentence lights the
+    # mass on this run (seed 0: test lift 1.33, pointing hits 67 % vs 21 % chance), but
+    # not on every seed: seeds 1 and 2 give lift 0.99 and 0.87 at 600 steps (1.37 and
+    # 1.33 at 1200, where seed 0 drops to 1.05). configs/pretrain.py keeps SEP states.
     c.model.update(dict(
         vit="tiny", num_registers=4, text="tiny", tokenizer="", random_init=True,
         train_text_base=True, vit_layerscale_init=1.0, sentence_features="token_mean",
