@@ -193,7 +193,8 @@ def train(cfg, workdir: str) -> dict:
                 opt_step = step // cfg.optim.grad_accum
                 out = run.step(global_batch, opt_step, jax.random.fold_in(base_key, step))
                 # The previous step's scalars are read only now, with this step already
-                # queued: the device never idles while the host fetches and copies a batch.
+                # queued: the device runs one step while the host fetches and copies the
+                # next batch, instead of waiting for the host after every step.
                 if pending is not None:
                     check(*pending)
                 done = step + 1
