@@ -272,10 +272,17 @@ def read_dinov2(path: str, *, hub_heads: int | None = None) -> Dinov2Checkpoint:
         cfg, mask_optional = _hf_config(path, path)
         return Dinov2Checkpoint(cfg, _nonempty(load_tensors(path), path), "hf", mask_optional)
     tensors = _nonempty(load_tensors(path), path)
+    return Dinov2Checkpoint(**_file_config(path, tensors, hub_heads), tensors=tensors)
+
+
+def _file_config(path: str, tensors: dict, hub_heads: int | None) -> dict:
+    """cfg, naming and mask_token_optional of a single-file checkpoint from its tensors
+    (or stand-ins with their shapes): transformers names read the config.json beside it."""
     if detect_naming(tensors, path) == "hf":
         cfg, mask_optional = _hf_config(os.path.dirname(path), path)
-        return Dinov2Checkpoint(cfg, tensors, "hf", mask_optional)
-    return Dinov2Checkpoint(hub_config_from_tensors(tensors, path, hub_heads), tensors, "hub", False)
+        return dict(cfg=cfg, naming="hf", mask_token_optional=mask_optional)
+    return dict(cfg=hub_config_from_tensors(tensors, path, hub_heads), naming="hub",
+                mask_token_optional=False)
 
 
 def _hf_config(folder: str, source: str) -> tuple[ViTConfig, bool]:
@@ -299,10 +306,7 @@ def dinov2_config(path: str, *, hub_heads: int | None = None) -> ViTConfig:
     path = os.fspath(path)
     if os.path.isdir(path):
         return _hf_config(path, path)[0]
-    shapes = _nonempty(file_shapes(path), path)
-    if detect_naming(shapes, path) == "hf":
-        return _hf_config(os.path.dirname(path), path)[0]
-    return hub_config_from_tensors(shapes, path, hub_heads)
+    return _file_config(path, _nonempty(file_shapes(path), path), hub_heads)["cfg"]
 
 
 def abstract_dinov2(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -55,20 +55,16 @@ def file_shapes(path: str) -> dict[str, np.ndarray]:
     torch files: memory-mapped (the zip format that torch has written since 1.6).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors"):
+    if _file_format(path) == "safetensors":
         from safetensors import safe_open
 
         with safe_open(path, framework="numpy") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    elif path.endswith((".bin", ".pth", ".pt")):
+    else:
         import torch
 
         shapes = {k: tuple(v.shape) for k, v in _torch_state(path, mmap=True).items()
                   if isinstance(v, torch.Tensor)}
-    else:
-        raise ConversionError(f"{path}: unknown checkpoint format (want .safetensors, .bin or .pth)")
     return {k: np.broadcast_to(np.float32(0), shape) for k, shape in shapes.items()}
 
 
@@ -111,12 +107,19 @@ def load_tensors(path: str) -> dict[str, np.ndarray]:
             return _load_torch_file(bin_file)
         raise ConversionError(
             f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
-    if not os.path.exists(path):
+    if _file_format(path) == "safetensors":
+        return _load_safetensors(path)
+    return _load_torch_file(path)
+
+
+def _file_format(path: str) -> str:
+    """"safetensors" or "torch" for a checkpoint file, by its name; errors name the path."""
+    if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such checkpoint file or folder")
     if path.endswith(".safetensors"):
-        return _load_safetensors(path)
+        return "safetensors"
     if path.endswith((".bin", ".pth", ".pt")):
-        return _load_torch_file(path)
+        return "torch"
     raise ConversionError(f"{path}: unknown checkpoint format (want .safetensors, .bin, .pth or a folder)")
 
 
