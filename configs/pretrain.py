@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         dataset_dir="",               # OUT/tfds/mammography/embed/1.0.0 from `python -m data_prep build`
         image_size=518,
-        global_batch_size=144,
+        global_batch_size=144,        # the batch the loss sees (negatives, BatchNorm)
         max_length=144,
         second_view="intra_study",    # same_image | intra_side | intra_study_no_self (Table 5)
         p_self=0.5,                   # D16
@@ -81,13 +81,18 @@ def base_config() -> ml_collections.ConfigDict:
         negatives="global",           # per_device = official CLIP / local negatives (D3)
     ))
 
+    # Every step count in every config counts optimizer updates (one per global batch).
     c.optim = ml_collections.ConfigDict(dict(
         lr=4e-5, warmup_steps=4000, total_steps=40000, weight_decay=0.1,
-        b1=0.9, b2=0.999, init_lr=1e-8, end_lr=1e-8, grad_accum=1,
+        b1=0.9, b2=0.999, init_lr=1e-8, end_lr=1e-8,
     ))
 
     c.train = ml_collections.ConfigDict(dict(
         steps=40000, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
+        # Split the global batch into this many micro-batches (exact accumulation,
+        # mama_jax/grad_cache.py): the loss still sees the whole batch, memory holds one
+        # micro-batch's tower activations. docs/scaling.md gives k per GPU set-up.
+        micro_batches=1,
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # devices: data x fsdp, -1 = the rest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,51 @@ def group_mask(state, names: tuple[str, ...]):
     return _path_mask(state, lambda path: path[0] in names)
 
 
+def start_at(start_step: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` as if training began at `start_step`: before it, updates are zero and inner's
+    state stays at its init (zero moments, count 0), so the first update at start_step is a
+    fresh inner's first update (torch's AdamW likewise starts a parameter's step count at
+    its first gradient). Without this a late-start group inherits the run's bias
+    correction while its moments are still zero: its first updates come out 3-6x larger."""
+
+    def init(params):
+        return {"count": jnp.zeros((), jnp.int32), "inner": inner.init(params)}
+
+    def update(updates, state, params=None):
+        active = state["count"] >= start_step
+        new_updates, new_inner = inner.update(updates, state["inner"], params)
+        keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+        return (jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates),
+                {"count": state["count"] + 1,
+                 "inner": jax.tree.map(keep, new_inner, state["inner"])})
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(cfg: Any, trainable_state, *,
+                   late_groups: Sequence[tuple[tuple[str, ...], int]] = ()) -> optax.GradientTransformation:
+    """AdamW with the recipe's schedule; `cfg` has lr, warmup_steps, total_steps,
+    weight_decay, b1, b2, init_lr, end_lr.
+
+    late_groups: (top-level names, start step) pairs, e.g. the local heads from delta
+    (D8). Such a group neither moves nor decays before its start and has its own Adam
+    state from then on (start_at); the learning rate follows the run's schedule, and
+    every other parameter keeps the run's own Adam count.
+    """
+    lr = schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps, cfg.init_lr, cfg.end_lr)
+    late = [(names, start) for names, start in late_groups if start > 0]
+    in_late = [group_mask(trainable_state, names) for names, _ in late]
+    main = jax.tree.map(lambda *m: not any(m), *in_late) if late else None
+    adam = lambda: optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2)  # noqa: E731
+    parts = [optax.masked(adam(), main) if late else adam()]
+    parts += [optax.masked(start_at(start, adam()), mask) for (_, start), mask in zip(late, in_late)]
+    parts += [optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(trainable_state)),
+              optax.scale_by_learning_rate(lr)]
+    # Weight decay and the learning rate come after Adam: hold a late group still until its start.
+    parts += [freeze_until(start, mask) for (_, start), mask in zip(late, in_late)]
+    return optax.chain(*parts)
+
+
 def freeze_until(start_step: int, mask) -> optax.GradientTransformation:
     """Zero the updates of masked parameters before `start_step` (D8: the local
     heads and local temperature neither move nor decay before delta)."""
@@ -59,18 +104,3 @@ def freeze_until(start_step: int, mask) -> optax.GradientTransformation:
         return updates, {"count": state["count"] + 1}
 
     return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(cfg: Any, trainable_state, *, local_group: tuple[str, ...] = (),
-                   local_start: int = 0) -> optax.GradientTransformation:
-    """AdamW with the recipe's schedule; `cfg` has lr, warmup_steps, total_steps,
-    weight_decay, b1, b2, init_lr, end_lr, grad_accum."""
-    lr = schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps, cfg.init_lr, cfg.end_lr)
-    parts = [optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                         mask=decay_mask(trainable_state))]
-    if local_group and local_start > 0:
-        parts.append(freeze_until(local_start, group_mask(trainable_state, local_group)))
-    tx = optax.chain(*parts)
-    if cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-    return tx

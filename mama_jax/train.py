@@ -2,7 +2,9 @@
 
 The step takes the trainable parameters, the rest of the model state (frozen
 weights, BatchNorm statistics), the optimiser state and a global batch; it
-returns them updated plus the loss terms. The loop feeds it from Grain, logs,
+returns them updated plus the loss terms. One step is one optimizer update on
+one global batch, whether it runs in one pass or in train.micro_batches
+(grad_cache: the same loss and gradients); every step count counts updates. The loop feeds it from Grain, logs,
 checkpoints every N steps, on SIGTERM/SIGINT and at the end, resumes from the
 latest checkpoint, and stops on a non-finite loss without saving it.
 """
@@ -21,9 +23,9 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax import checkpoint, data, factory, losses, metrics, optim, sharding, train_state
+from mama_jax import (checkpoint, data, factory, grad_cache, losses, metrics, optim, sharding,
+                      train_state)
 from mama_jax.models import mama
-from mama_jax.models.lora import lora_value_and_grad
 
 STEP_INPUTS = ("view1", "view2", "input_ids", "attention_mask")
 
@@ -32,25 +34,41 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
-def train_step(graphdef, trainable, rest, opt_state, batch, step, dropout_key, *, tx, delta,
-               nt_xent_temperature, options, mesh):
-    model = nnx.merge(graphdef, trainable, rest)
-    trainable_filter = mama.trainable_filter(model.cfg)
+def late_start_groups(cfg) -> list[tuple[tuple[str, ...], int]]:
+    """Parameter groups that train only from a later step, each with a fresh Adam then:
+    the local heads and local temperature from delta (D8) and, under the official
+    schedule (D1, loss.aux_start_step), the SimCLR head, which only L_VV trains."""
+    groups = [(mama.LOCAL_GROUP, cfg.loss.delta)]
+    if cfg.loss.use_vv and cfg.loss.aux_start_step > 0:
+        groups.append((mama.SIMCLR_GROUP, cfg.loss.aux_start_step))
+    return groups
 
-    def loss_fn(model):
-        emb = model(batch, train=True, rngs=nnx.Rngs(dropout=dropout_key))
-        return losses.mama_loss(
+
+def loss_and_grads(graphdef, trainable, rest, batch, step, dropout_key, *, delta,
+                   nt_xent_temperature, options, mesh, micro_batches=1):
+    """Eq. 4 on the global batch and the gradients of the trainable parameters, in one
+    pass or in `micro_batches` (grad_cache; the same numbers either way)."""
+
+    def loss_fn(model, emb):
+        total, parts = losses.mama_loss(
             emb, step=step, delta=delta, logit_scale=model.logit_scale[...],
             local_scale=model.local_scale[...], nt_xent_temperature=nt_xent_temperature,
             options=options, mesh=mesh, data_axes=sharding.BATCH_AXES)
+        return total, dict(parts, logit_scale=model.logit_scale[...],
+                           local_scale=model.local_scale[...])
 
-    # Gradients of the trainable parameters only; BatchNorm statistics update in place.
-    (_, parts), grads = lora_value_and_grad(loss_fn, wrt=trainable_filter, has_aux=True)(model)
-    _, trainable, rest = nnx.split(model, trainable_filter, ...)
+    return grad_cache.loss_and_grads(graphdef, trainable, rest, batch, dropout_key,
+                                     loss_fn=loss_fn, micro_batches=micro_batches, mesh=mesh)
+
+
+def train_step(graphdef, trainable, rest, opt_state, batch, step, dropout_key, *, tx, lr,
+               **loss_settings):
+    """One optimizer update: step counts updates (0 = the first)."""
+    _, parts, grads, rest = loss_and_grads(graphdef, trainable, rest, batch, step, dropout_key,
+                                           **loss_settings)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    out = dict(parts, grad_norm=optax.tree.norm(grads), logit_scale=model.logit_scale[...],
-               local_scale=model.local_scale[...])
+    out = dict(parts, grad_norm=optax.tree.norm(grads), lr=lr(step))
     return trainable, rest, opt_state, out
 
 
@@ -59,15 +77,20 @@ class Run(train_state.ShardedState):
 
     @classmethod
     def create(cls, cfg, model, mesh) -> "Run":
+        grad_cache.check_micro_batches(cfg.data.global_batch_size, cfg.train.micro_batches,
+                                       mesh.size)
         graphdef, trainable, rest = nnx.split(model, mama.trainable_filter(model.cfg), ...)
-        tx = optim.make_optimizer(cfg.optim, trainable, local_group=mama.LOCAL_GROUP,
-                                  local_start=cfg.loss.delta)
+        tx = optim.make_optimizer(cfg.optim, trainable, late_groups=late_start_groups(cfg))
         run = cls(trainable, rest, tx, mesh)
         run.graphdef = graphdef
+        run.loss_settings = dict(delta=cfg.loss.delta,
+                                 nt_xent_temperature=cfg.loss.nt_xent_temperature,
+                                 options=factory.loss_options(cfg), mesh=mesh,
+                                 micro_batches=cfg.train.micro_batches)
+        lr = optim.schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.total_steps,
+                            cfg.optim.init_lr, cfg.optim.end_lr)
         run._step_fn = jax.jit(
-            functools.partial(train_step, graphdef, tx=tx, delta=cfg.loss.delta,
-                              nt_xent_temperature=cfg.loss.nt_xent_temperature,
-                              options=factory.loss_options(cfg), mesh=mesh),
+            functools.partial(train_step, graphdef, tx=tx, lr=lr, **run.loss_settings),
             donate_argnums=(0, 1, 2),
             out_shardings=(run.trainable_sh, run.rest_sh, run.opt_sh, sharding.replicated(mesh)))
         return run
@@ -75,16 +98,25 @@ class Run(train_state.ShardedState):
     def model(self):
         return nnx.merge(self.graphdef, self.trainable, self.rest)
 
+    def loss_and_grads(self, global_batch: dict, step: int, dropout_key, **overrides):
+        """(total, parts, grads) of a step without applying it (tests, benchmarks)."""
+        settings = dict(self.loss_settings, **overrides)
+        fn = jax.jit(functools.partial(loss_and_grads, self.graphdef, **settings))
+        total, parts, grads, _ = fn(self.trainable, self.rest, global_batch,
+                                    jnp.asarray(step, jnp.int32), dropout_key)
+        return total, parts, grads
+
     def compile(self, global_batch: dict) -> None:
         """Compile the step ahead of the first call (its cost shows up here, not in step 1)."""
         self._step_fn = self._step_fn.lower(
             self.trainable, self.rest, self.opt_state, global_batch, jnp.asarray(0, jnp.int32),
             jax.random.key(0)).compile()
 
-    def step(self, global_batch: dict, opt_step: int, dropout_key) -> dict:
+    def step(self, global_batch: dict, step: int, dropout_key) -> dict:
+        """One optimizer update on the global batch; `step` counts updates from 0."""
         self.trainable, self.rest, self.opt_state, out = self._step_fn(
             self.trainable, self.rest, self.opt_state, global_batch,
-            jnp.asarray(opt_step, jnp.int32), dropout_key)
+            jnp.asarray(step, jnp.int32), dropout_key)
         return out
 
 
@@ -97,6 +129,7 @@ class _Window:
     def add(self, values: dict, samples: int, seconds: float, data_seconds: float) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+        self.last_lr = values.get("lr")
         self.steps += 1
         self.samples += samples
         self.seconds += seconds
@@ -104,6 +137,7 @@ class _Window:
 
     def flush(self, **extra) -> dict:
         out = {k: v / self.steps for k, v in self.sums.items()}
+        out["lr"] = self.last_lr  # the schedule at the window's last step, not a mean
         out.update(extra, samples_per_s=self.samples / max(self.seconds, 1e-9),
                    data_wait_s=self.data_seconds / self.steps)
         self.__init__()
@@ -152,8 +186,6 @@ def train(cfg, workdir: str) -> dict:
         run.restore(ckpt, start, iterator)
         if proc == 0:
             print(f"pretrain: resumed from step {start} ({ckpt.directory})", flush=True)
-    lr_at = optim.schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.total_steps,
-                           cfg.optim.init_lr, cfg.optim.end_lr)
     base_key = jax.random.key(cfg.seed + 1)
     writer = metrics.MetricsWriter(workdir)
     steps, log_every = cfg.train.steps, cfg.train.log_every
@@ -190,8 +222,7 @@ def train(cfg, workdir: str) -> dict:
                 if step == start:
                     run.compile(global_batch)
                     sharding.barrier("compiled")  # hosts enter the first collective together
-                opt_step = step // cfg.optim.grad_accum
-                out = run.step(global_batch, opt_step, jax.random.fold_in(base_key, step))
+                out = run.step(global_batch, step, jax.random.fold_in(base_key, step))
                 # The previous step's scalars are read only now, with this step already
                 # queued: the device runs one step while the host fetches and copies the
                 # next batch, instead of waiting for the host after every step.
@@ -207,7 +238,7 @@ def train(cfg, workdir: str) -> dict:
                     values = check(*pending)  # a bad step never reaches a log line or checkpoint
                     pending = None
                 if log:
-                    last = window.flush(lr=float(lr_at(opt_step)))
+                    last = window.flush()
                     writer.write(done, last)
                     bar.set_postfix(loss=f"{last['total']:.4f}", w=f"{values['w']:.0f}")
                 if keep:

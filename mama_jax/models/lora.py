@@ -59,13 +59,38 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+def _is_row_keys(key: jax.Array) -> bool:
+    """Whether `key` is one key per batch row ([B] typed keys or [B, 2] raw uint32 keys)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.ndim == 1
+    return key.ndim == 2
+
+
+def split_key(key: jax.Array, n: int) -> jax.Array:
+    """n keys from `key`, indexed along the first axis.
+
+    One key gives [n] keys; per-row keys [B] give [n, B]: each row is split on its own, so
+    a row's dropout masks depend on its own key only, never on which batch it came in
+    (what makes micro-batched training equal to the whole batch at once).
+    """
+    if not _is_row_keys(key):
+        return jax.random.split(key, n)
+    return jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(key)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: bool) -> jax.Array:
-    """Inverted dropout from an explicit key (no RNG state in modules, so scan/remat stay simple)."""
+    """Inverted dropout from an explicit key (no RNG state in modules, so scan/remat stay simple).
+
+    `key` is one key for the whole array, or one key per row of x's first axis (split_key).
+    """
     if deterministic or rate == 0.0:
         return x
     if key is None:
         raise ValueError("dropout is active (deterministic=False) but no RNG key was given")
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    if _is_row_keys(key):
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(key)
+    else:
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 

@@ -32,6 +32,7 @@ SENTENCE_FEATURES = ("sep", "token_mean")
 # branch in the official model and is frozen there; the mask token is unused.
 FROZEN_VISION = ("norm", "mask_token")
 LOCAL_GROUP = ("img_local", "txt_local", "local_scale")
+SIMCLR_GROUP = ("simclr",)  # trained by L_VV only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,25 +115,50 @@ class MaMA(nnx.Module):
         return self.txt_global(self.pool_text(hidden, attention_mask)).astype(jnp.float32)
 
     # ------------------------------------------------------------ training forward
-    def __call__(self, batch: dict, *, train: bool = True, rngs: nnx.Rngs | None = None) -> dict:
-        """Embeddings for losses.mama_loss from a batch {view1, view2, input_ids, attention_mask}."""
+    def tower_features(self, batch: dict, *, train: bool = True, rngs: nnx.Rngs | None = None,
+                       dropout_keys: jax.Array | None = None) -> dict:
+        """What the heads read from the two towers, computed sample by sample.
+
+        No op here mixes samples (the towers have no BatchNorm), so a micro-batch's
+        features are the rows of the whole batch's: exact gradient accumulation
+        (train.GradCache) caches these and runs the heads once on the whole batch.
+        Keys: pooled_1 / pooled_2 g(x) of each view [B, Dv] fp32, patch_1 the anchor
+        view's post-norm patch tokens [B, P, Dv], text_pooled [B, Dt], sent_in the
+        text local head's input [B, S, Dt] and sent_mask [B, S] (valid sentences).
+        """
         b = batch["view1"].shape[0]
         images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
         pooled, patches = self.image_features(images)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        hidden = self.text(ids, mask, deterministic=not train, rngs=rngs, dropout_keys=dropout_keys)
+        sent_in, sent_mask = self.sentence_inputs(hidden, ids)
+        return {"pooled_1": pooled[:b], "pooled_2": pooled[b:], "patch_1": patches[:b],
+                "text_pooled": self.pool_text(hidden, mask), "sent_in": sent_in,
+                "sent_mask": sent_mask}
+
+    def head_embeddings(self, feats: dict, *, train: bool = True) -> dict:
+        """Embeddings for losses.mama_loss from tower_features of the whole batch (the
+        heads' BatchNorm statistics are taken over it)."""
+        b = feats["pooled_1"].shape[0]
+        pooled = jnp.concatenate([feats["pooled_1"], feats["pooled_2"]], axis=0)
         img_global = self.img_global(pooled)
         simclr = self.simclr(pooled, train=train)
-        patch_1 = self.img_local(patches[:b], train=train)
-
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        hidden = self.text_states(ids, mask, train=train, rngs=rngs)
-        txt_global = self.txt_global(self.pool_text(hidden, mask))
-        sent, sent_mask = self.sentence_inputs(hidden, ids)
-        sent = self.txt_local(sent, sent_mask, train=train)
+        sent_mask = feats["sent_mask"]
         return {
             "img_global_1": img_global[:b], "img_global_2": img_global[b:],
-            "txt_global": txt_global, "simclr_1": simclr[:b], "simclr_2": simclr[b:],
-            "patch_1": patch_1, "sent": sent, "sent_mask": sent_mask,
+            "txt_global": self.txt_global(feats["text_pooled"]),
+            "simclr_1": simclr[:b], "simclr_2": simclr[b:],
+            "patch_1": self.img_local(feats["patch_1"], train=train),
+            "sent": self.txt_local(feats["sent_in"], sent_mask, train=train), "sent_mask": sent_mask,
         }
+
+    def __call__(self, batch: dict, *, train: bool = True, rngs: nnx.Rngs | None = None,
+                 dropout_keys: jax.Array | None = None) -> dict:
+        """Embeddings for losses.mama_loss from a batch {view1, view2, input_ids, attention_mask}.
+
+        Text dropout draws from `rngs`, or from `dropout_keys`, one key per caption."""
+        feats = self.tower_features(batch, train=train, rngs=rngs, dropout_keys=dropout_keys)
+        return self.head_embeddings(feats, train=train)
 
 
 def trainable_filter(cfg: MaMAConfig):

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from mama_jax.models import config_dict
-from mama_jax.models.lora import LoRAConfig, dropout, make_linear
+from mama_jax.models.lora import LoRAConfig, dropout, make_linear, split_key
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh GELU (GPT-2)
@@ -173,7 +173,7 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x, key_mask, layer_scale, *, deterministic: bool, key=None):
         cfg = self.cfg
-        keys = jax.random.split(key, 4) if key is not None else [None] * 4
+        keys = split_key(key, 4) if key is not None else [None] * 4
         B, L, _ = x.shape
         qkv = self.c_attn(x, deterministic=deterministic, key=keys[0])
         q, k, v = (t.reshape(B, L, cfg.heads, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
@@ -197,7 +197,7 @@ class MLP(nnx.Module):
         self.c_proj = _linear(cfg, "mlp_c_proj", cfg.inner_dim, cfg.hidden, rngs, residual=True)
 
     def __call__(self, x, *, deterministic: bool, key=None):
-        keys = jax.random.split(key, 3) if key is not None else [None] * 3
+        keys = split_key(key, 3) if key is not None else [None] * 3
         h = ACTIVATIONS[self.cfg.activation](self.c_fc(x, deterministic=deterministic, key=keys[0]))
         h = self.c_proj(h, deterministic=deterministic, key=keys[1])
         return dropout(h, self.cfg.resid_dropout, keys[2], deterministic)
@@ -211,7 +211,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, key_mask, layer_scale, *, deterministic: bool, key=None):
-        keys = jax.random.split(key) if key is not None else [None, None]
+        keys = split_key(key, 2) if key is not None else [None, None]
         x = x + self.attn(self.ln_1(x), key_mask, layer_scale, deterministic=deterministic, key=keys[0])
         return x + self.mlp(self.ln_2(x), deterministic=deterministic, key=keys[1])
 
@@ -263,7 +263,9 @@ class TextDecoder(nnx.Module):
         return x
 
     def __call__(self, input_ids, attention_mask=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+                 rngs: nnx.Rngs | None = None, dropout_keys: jax.Array | None = None) -> jax.Array:
+        """dropout_keys: one key per row ([B]) instead of rngs: each caption's dropout masks
+        then depend on its own key only, whatever batch it comes in."""
         cfg = self.cfg
         B, L = input_ids.shape
         if L > cfg.n_positions:
@@ -273,11 +275,12 @@ class TextDecoder(nnx.Module):
         key_mask = attention_mask.astype(bool)
 
         need_keys = not deterministic and cfg.uses_dropout
-        if need_keys and rngs is None:
-            raise ValueError("TextDecoder: deterministic=False with dropout needs rngs=nnx.Rngs(dropout=...)")
+        if need_keys and rngs is None and dropout_keys is None:
+            raise ValueError("TextDecoder: deterministic=False with dropout needs "
+                             "rngs=nnx.Rngs(dropout=...) or per-row dropout_keys")
         if need_keys:
-            embd_key, layers_key = jax.random.split(rngs.dropout())
-            layer_keys = jax.random.split(layers_key, cfg.layers)
+            embd_key, layers_key = split_key(rngs.dropout() if dropout_keys is None else dropout_keys, 2)
+            layer_keys = split_key(layers_key, cfg.layers)
         else:
             embd_key, layer_keys = None, None
 

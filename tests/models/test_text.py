@@ -218,6 +218,28 @@ def test_dropout_only_when_not_deterministic(gpt2, batch):
         model(ids, mask, deterministic=False)
 
 
+def test_per_row_dropout_keys_give_each_caption_its_own_masks(gpt2, batch):
+    """With one key per row a caption's dropout masks do not depend on the batch it is in:
+    the rows of a batch run whole equal the same rows run in two halves (LoRA dropout,
+    attention and residual dropout all active)."""
+    _, folder, ref = gpt2
+    model = load_gpt2(folder, attn_dropout=0.2, resid_dropout=0.1, embd_dropout=0.1,
+                      lora=LoRAConfig(dropout=0.3))
+    ids, mask = (jnp.asarray(np.concatenate([a, a[::-1]]), jnp.int32) for a in batch)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(5), jnp.arange(len(ids)))
+    train = nnx.jit(lambda m, i, k, keys: m(i, k, deterministic=False, dropout_keys=keys))
+    whole = np.asarray(train(model, ids, mask, keys))
+    half = len(ids) // 2
+    parts = np.concatenate([np.asarray(train(model, ids[s], mask[s], keys[s]))
+                            for s in (slice(0, half), slice(half, None))])
+    real = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(parts[real], whole[real], rtol=1e-5, atol=1e-5)
+    assert np.abs(whole[:len(ref)] - ref)[batch[1].astype(bool)].max() > 1e-2  # dropout is on
+    # The same caption with another key gets other masks.
+    other = np.asarray(train(model, ids, mask, jax.random.split(jax.random.key(6), len(ids))))
+    assert np.abs(other - whole)[real].max() > 1e-2
+
+
 def test_attention_with_dropout_matches_fused_attention_at_rate_zero():
     q, k, v = np.random.default_rng(0).normal(size=(3, 2, 6, 2, 4)).astype(np.float32)
     key_mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6], bool)
