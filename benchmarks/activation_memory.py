@@ -1,9 +1,18 @@
 """Activation memory of MaMA's training step, from what JAX's autodiff saves.
 
-The forward's saved residuals are traced on the abstract model (no weights) at 1 and 2
-samples per device: the difference is the per-sample size, the rest a constant. With
-remat, each scanned layer keeps only its input, and one rebuilt layer is added on top.
-Used by memory_plan.py; nothing here is a measurement on a device.
+The step (mama_jax/train.py) with train.micro_batches = k:
+  k = 1  the towers (MaMA.tower_features) and the heads (MaMA.head_embeddings) run on the
+         whole per-device batch under one backward pass;
+  k > 1  exact accumulation, GradCache-style: (a) the towers run on each micro-batch
+         without gradient and their outputs are cached for the whole batch; (b) the heads
+         and the loss run once on the whole batch, with gradients to the heads and to the
+         cache; (c) per micro-batch the towers run again under jax.vjp and pull the
+         cache's gradients back. Only one micro-batch's tower activations exist at a time;
+         the heads' exist for the whole per-device batch.
+So towers and heads are sized apart: their saved residuals are traced on the abstract model
+(no weights) at 1 and 2 samples per device, the difference is the per-sample size, the rest
+a constant. With remat each scanned layer keeps only its input, and one rebuilt layer comes
+on top. Used by memory_plan.py; nothing here is a measurement on a device.
 """
 
 from __future__ import annotations
@@ -36,39 +45,59 @@ def with_remat(mcfg, remat: bool):
                                text=dataclasses.replace(mcfg.text, remat=remat))
 
 
-def residual_bytes(fn, *args) -> int:
+def nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def residual_bytes(fn, *args, data=("batch", "x")) -> dict:
     """Bytes of what JAX's autodiff saves from fn's forward for its backward pass, less the
-    parameters themselves (arguments other than `batch`/`x`, or frozen ones behind
-    stop_gradient): jax.ad_checkpoint.print_saved_residuals, as numbers."""
-    total = 0
+    parameters (arguments not named in `data`, and frozen ones behind stop_gradient):
+    jax.ad_checkpoint.print_saved_residuals, as numbers. `inputs` is the part that is a
+    `data` argument itself, `internal` the rest."""
+    out = {"internal": 0, "inputs": 0}
     for aval, src in saved_residuals(fn, *args):
-        is_param = (src.startswith("from the argument") and not src.startswith(("from the argument batch",
-                                                                             "from the argument x"))
-                    or "stop_gradient" in src)
-        total += 0 if is_param else aval.size * aval.dtype.itemsize
-    return total
+        from_arg = src.startswith("from the argument")
+        if "stop_gradient" in src or (from_arg and not src.startswith(
+                tuple(f"from the argument {name}" for name in data))):
+            continue  # a parameter: counted with the state, not here
+        if src.startswith("output of broadcast_in_dim"):
+            continue  # e.g. ReLU's zeros: XLA fuses a broadcast into its users, never stores it
+        out["inputs" if from_arg else "internal"] += aval.size * aval.dtype.itemsize
+    return out
 
 
-def training_forward(mcfg):
-    """(f(trainable, rest, batch) -> a scalar of every embedding, trainable, rest): MaMA's
-    training forward (dropout on) on an abstract model, frozen state behind stop_gradient."""
+def _scalar(tree) -> jax.Array:
+    """A sum of every float leaf: a loss whose gradient reaches all of them and saves nothing."""
+    return sum(jnp.sum(v.astype(jnp.float32)) for v in jax.tree.leaves(tree)
+               if jnp.issubdtype(v.dtype, jnp.floating))
+
+
+def split_model(mcfg):
+    """(graphdef, trainable, rest) of an abstract MaMA (no weight allocated)."""
     model = nnx.eval_shape(lambda: mama.MaMA(mcfg, rngs=nnx.Rngs(0)))
-    graphdef, trainable, rest = nnx.split(model, mama.trainable_filter(mcfg), ...)
-
-    def f(trainable, rest, batch):
-        m = nnx.merge(graphdef, trainable, jax.lax.stop_gradient(rest))
-        emb = m(batch, train=True, rngs=nnx.Rngs(dropout=0))
-        return sum(jnp.sum(v.astype(jnp.float32)) for k, v in emb.items() if k != "sent_mask")
-
-    return f, trainable, rest
+    return nnx.split(model, mama.trainable_filter(mcfg), ...)
 
 
-def _forward_residuals(mcfg, b: int, image_size: int, max_length: int) -> int:
-    """Saved residuals of MaMA's training forward, gradients to what trains."""
-    f, trainable, rest = training_forward(mcfg)
-    return residual_bytes(lambda batch, t, r: f(t, r, batch),
-                          batch_spec(b, image_size, max_length), trainable, rest)
+def _merge(graphdef, trainable, rest):
+    # copy=True: fresh Variables, so a merge inside lax.scan holds that scan's tracers.
+    return nnx.merge(graphdef, trainable, jax.lax.stop_gradient(rest), copy=True)
 
+
+def feature_spec(mcfg, b: int, image_size: int, max_length: int) -> dict:
+    """Abstract tower_features outputs for b samples: what the k > 1 step caches."""
+    graphdef, trainable, rest = split_model(mcfg)
+    return jax.eval_shape(
+        lambda t, r, batch: _merge(graphdef, t, r).tower_features(batch, train=True,
+                                                                  rngs=nnx.Rngs(dropout=0)),
+        trainable, rest, batch_spec(b, image_size, max_length))
+
+
+def _slope(one: int, two: int) -> tuple[int, int]:
+    """(per-sample, constant) of a size measured at 1 and 2 samples."""
+    return two - one, max(2 * one - two, 0)
+
+
+# ------------------------------------------------------------------ towers
 
 def block_residuals(mcfg, image_size: int, max_length: int) -> dict:
     """Saved residuals of one ViT block per image and one LM block per caption (dropout on,
@@ -85,36 +114,133 @@ def block_residuals(mcfg, image_size: int, max_length: int) -> dict:
         mask = jnp.ones(x.shape[:2], bool)
         return block(x, mask, jnp.float32(1.0), deterministic=False, key=jax.random.key(0))
 
-    def slope(fn, width, length, dtype, *params):
-        one, two = (residual_bytes(fn, jax.ShapeDtypeStruct((b, length, width), dtype), *params)
-                    for b in (1, 2))
-        return two - one
+    def per_sample(fn, width, length, dtype, *params):
+        def measure(b):
+            r = residual_bytes(fn, jax.ShapeDtypeStruct((b, length, width), dtype), *params)
+            return r["internal"] + r["inputs"]
+        return _slope(measure(1), measure(2))[0]
 
-    return {"vit_block_per_image": slope(lambda x, p: nnx.merge(vgd, p)(x), vc.hidden, tokens,
-                                         vc.dtype, vparams),
-            "lm_block_per_caption": slope(lm, tc.hidden, max_length, tc.dtype, lora, frozen)}
+    return {"vit_block_per_image": per_sample(lambda x, p: nnx.merge(vgd, p)(x), vc.hidden,
+                                              tokens, vc.dtype, vparams),
+            "lm_block_per_caption": per_sample(lm, tc.hidden, max_length, tc.dtype, lora, frozen)}
 
 
-def activation_bytes(mcfg, image_size: int, max_length: int, remat: bool) -> dict:
-    """Activation bytes of the step: per_sample x b + constant.
+def tower_activation_bytes(mcfg, image_size: int, max_length: int, remat: bool) -> dict:
+    """Activations of the towers' backward for b samples: per_sample x b + constant.
 
-    per_sample / constant: the forward's saved residuals traced at b = 1 and 2 (with remat,
-    the scans keep each layer's input only). remat adds the layer being rebuilt in the
+    Traced on MaMA.tower_features (both views through the ViT, the caption through the LM,
+    dropout on, gradients to what trains). remat adds the layer being rebuilt in the
     backward pass: the larger of one ViT block for 2 views and one LM block, per sample.
     """
-    mc = with_remat(mcfg, remat)
-    r1, r2 = (_forward_residuals(mc, b, image_size, max_length) for b in (1, 2))
+    graphdef, trainable, rest = split_model(with_remat(mcfg, remat))
+
+    def towers(batch, t, r):
+        return _scalar(_merge(graphdef, t, r).tower_features(batch, train=True,
+                                                             rngs=nnx.Rngs(dropout=0)))
+
+    def measure(b):
+        r = residual_bytes(towers, batch_spec(b, image_size, max_length), trainable, rest)
+        return r["internal"] + r["inputs"]
+
+    saved, constant = _slope(measure(1), measure(2))
     blocks = block_residuals(mcfg, image_size, max_length)
     transient = max(2 * blocks["vit_block_per_image"], blocks["lm_block_per_caption"]) if remat else 0
-    return {"saved_per_sample": r2 - r1, "constant": max(2 * r1 - r2, 0),
-            "transient_per_sample": transient, "per_sample": r2 - r1 + transient, **blocks}
+    return {"saved_per_sample": saved, "constant": constant, "transient_per_sample": transient,
+            "per_sample": saved + transient, **blocks}
 
 
-def local_loss_bytes(mcfg, image_size: int, micro_batch: int, per_device: int) -> int:
-    """The local loss on one device: gathered patches of the whole micro-batch, fp32
-    (value, normalised, gradient), and three similarity blocks of one caption chunk."""
+# ------------------------------------------------------------------ heads
+
+def head_activation_bytes(mcfg, image_size: int, max_length: int) -> dict:
+    """Activations of the heads' backward (MaMA.head_embeddings on abstract tower features,
+    BatchNorm in training mode): per_sample x b + constant. `inputs_per_sample` is the part
+    that is a tower output itself (e.g. patch_1, the local head's first matmul input): the
+    cache when k > 1, extra activations when k = 1."""
+    graphdef, trainable, rest = split_model(mcfg)
+
+    def heads(feats, t, r):
+        return _scalar(_merge(graphdef, t, r).head_embeddings(feats, train=True))
+
+    def measure(b):
+        return residual_bytes(heads, feature_spec(mcfg, b, image_size, max_length), trainable,
+                              rest, data=("feats",))
+
+    one, two = measure(1), measure(2)
+    internal, constant = _slope(one["internal"], two["internal"])
+    inputs, _ = _slope(one["inputs"], two["inputs"])
+    return {"per_sample": internal, "inputs_per_sample": inputs, "constant": constant}
+
+
+def local_loss_bytes(mcfg, image_size: int, global_batch: int, per_device: int) -> int:
+    """The local loss on one device: the gathered patch embeddings of the whole global batch,
+    fp32 (value, normalised, gradient), and three similarity blocks of one caption chunk."""
     _, patches = vit_tokens(mcfg.vit, image_size)
-    gathered = 3 * micro_batch * patches * mcfg.embed_dim * 4
-    per_caption = micro_batch * mcfg.max_sentences * patches
+    gathered = 3 * global_batch * patches * mcfg.embed_dim * 4
+    per_caption = global_batch * mcfg.max_sentences * patches
     chunk = max(1, min(per_device, losses._CHUNK_ELEMENTS // per_caption))
     return gathered + 3 * chunk * per_caption * 4
+
+
+# ------------------------------------------------------------------ the step, for XLA
+
+def _heads_loss(graphdef):
+    def loss(t, r, feats, sent_mask):
+        model = _merge(graphdef, t, r)
+        return _scalar(model.head_embeddings(dict(feats, sent_mask=sent_mask), train=True))
+    return loss
+
+
+def heads_grad(mcfg):
+    """(g(trainable, rest, feats) -> gradients of the heads' parameters and of the features,
+    trainable, rest): part (b) of the step alone, for the XLA check of the heads' figure."""
+    graphdef, trainable, rest = split_model(mcfg)
+    loss = _heads_loss(graphdef)
+
+    def grad(t, r, feats):
+        feats = dict(feats)
+        return jax.grad(loss, argnums=(0, 2))(t, r, feats, feats.pop("sent_mask"))
+
+    return grad, trainable, rest
+
+
+def training_grad(mcfg, micro_batches: int = 1):
+    """(g(trainable, rest, batch) -> gradients of what trains, trainable, rest): the training
+    step's forward + backward on an abstract model, the loss a sum of every embedding.
+
+    k = 1: jax.grad of the whole forward. k > 1: the GradCache step described above (a
+    mirror of mama_jax/grad_cache.py's, for sizing only; dropout keys per caption so that
+    (a) and (c) draw the same masks)."""
+    graphdef, trainable, rest = split_model(mcfg)
+
+    if micro_batches == 1:
+        def whole(t, r, batch):
+            return _scalar(_merge(graphdef, t, r)(batch, train=True, rngs=nnx.Rngs(dropout=0)))
+        return jax.grad(whole), trainable, rest
+
+    def towers(t, r, batch, keys):
+        feats = _merge(graphdef, t, r).tower_features(batch, train=True, dropout_keys=keys)
+        return feats.pop("sent_mask"), feats  # the mask is boolean: no gradient
+
+    def split(x):
+        return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+
+    def join(x):
+        return x.reshape(-1, *x.shape[2:])
+
+    def grad(t, r, batch):
+        b = batch["input_ids"].shape[0]
+        micro = jax.tree.map(split, (batch, jax.random.split(jax.random.key(0), b)))
+        # (a) the cache, (b) the heads on the whole batch, (c) the towers again under vjp.
+        _, (mask, feats) = jax.lax.scan(lambda c, xs: (c, towers(t, r, *xs)), None, micro)
+        mask, feats = jax.tree.map(join, (mask, feats))
+        g, g_feats = jax.grad(_heads_loss(graphdef), argnums=(0, 2))(t, r, feats, mask)
+
+        def pull_back(acc, xs):
+            mb, keys, g_mb = xs
+            _, vjp = jax.vjp(lambda t_: towers(t_, r, mb, keys)[1], t)
+            return jax.tree.map(jnp.add, acc, vjp(g_mb)[0]), None
+
+        g, _ = jax.lax.scan(pull_back, g, (*micro, jax.tree.map(split, g_feats)))
+        return g
+
+    return grad, trainable, rest

@@ -3,6 +3,7 @@
   python benchmarks/train_step.py                                  # paper size: ViT-B/14-reg @518, BioMedLM, bf16
   python benchmarks/train_step.py --vit small --image-size 224 --text biomedlm --text-layers 2   # CPU-sized
   python benchmarks/train_step.py --demo                           # configs/demo.py (tiny towers, fp32, 112 px)
+  python benchmarks/train_step.py --demo --batch 16 --micro-batches 4   # exact accumulation vs one pass
 
 Builds the model from configs/pretrain.py (random init, scan + remat) or configs/demo.py,
 feeds a synthetic global batch (random images, random token ids with SEP tokens, right
@@ -19,6 +20,10 @@ leaves named `kernel`; T = tokens, L = layers, D = width):
   heads (all train):      6 x params x the tokens each head sees
   local loss:             6 B S P d   (B^2 caption-image pairs x S sentences x P patches)
 MFU = model FLOPs per step / step time / peak bf16 FLOP/s of the device.
+
+--micro-batches K times the exact-accumulation step (mama_jax/grad_cache.py) on the same
+global batch, then the one-pass step, and prints the cost ratio. Model FLOPs are the same
+for both (the towers' second forward is recompute, which MFU does not count).
 """
 
 from __future__ import annotations
@@ -132,9 +137,11 @@ def make_config(args):
     return cfg
 
 
-def measure(cfg, tok, args, batch: int) -> dict:
+def measure(cfg, tok, args, batch: int, micro_batches: int = 1) -> dict:
     """Build, compile one step, time args.steps steps."""
     mesh = sharding.make_mesh(-1, 1)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.global_batch_size, cfg.train.micro_batches = batch, micro_batches
     t0 = time.perf_counter()
     with text_layers(args.text_layers):
         model = factory.model(cfg, tok)
@@ -153,8 +160,8 @@ def measure(cfg, tok, args, batch: int) -> dict:
         out = run.step(global_batch, step, jax.random.fold_in(key, i + 1))
     loss = float(jax.block_until_ready(out)["total"])
     step_s = (time.perf_counter() - t0) / args.steps
-    return dict(flops, batch=batch, build_s=build_s, first_s=first_s, step_s=step_s, loss=loss,
-                peak_gib=peak_memory_gib())
+    return dict(flops, batch=batch, micro_batches=micro_batches, build_s=build_s, first_s=first_s,
+                step_s=step_s, loss=loss, peak_gib=peak_memory_gib())
 
 
 def peak_memory_gib() -> float | None:
@@ -185,6 +192,8 @@ def main() -> None:
                    "accelerator while it fits, 2 on CPU")
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3, help="timed steps after the compile step")
+    p.add_argument("--micro-batches", type=int, default=1, help="split each global batch into K "
+                   "micro-batches (exact accumulation) and compare with the one-pass step")
     p.add_argument("--flops-only", action="store_true", help="count model FLOPs on an abstract "
                    "model (no memory, no run) and project samples/s at 40%% MFU per device in the table")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU (overrides the table)")
@@ -219,24 +228,56 @@ def main() -> None:
         sizes = [2]
     else:
         sizes = [8 * n_dev * 2 ** i for i in range(12) if 8 * n_dev * 2 ** i <= args.max_batch]
+    if args.micro_batches > 1:
+        compare_micro_batches(cfg, tok, args, args.batch or 2 * args.micro_batches * n_dev, peak, n_dev)
+        return
     best = None
     for batch in sizes:
         try:
             r = measure(cfg, tok, args, batch)
         except Exception as err:  # noqa: BLE001 (jax raises XlaRuntimeError / ValueError for OOM)
-            if best is None or "RESOURCE_EXHAUSTED" not in str(err):
+            if best is None or not out_of_memory(err):
                 raise
             print(f"batch {batch}: out of memory, keeping batch {best['batch']}")
             break
-        achieved = r["total"] * batch / r["step_s"] / n_dev
-        mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (pass --peak-flops)"
-        memory = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
-        print(f"batch {batch}: {batch / r['step_s']:.3g} samples/s, step {r['step_s'] * 1e3:.0f} ms "
-              f"(compile+first {r['first_s']:.1f} s, build {r['build_s']:.1f} s), "
-              f"{si(achieved)}FLOP/s/device, MFU {mfu}, loss {r['loss']:.3f}, "
-              f"peak memory {memory} on device 0")
+        print_result(r, peak, n_dev)
         best = r
     print_flops(best, tok)
+
+
+def out_of_memory(err: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(err)
+
+
+def print_result(r: dict, peak: float | None, n_dev: int) -> None:
+    batch = r["batch"]
+    achieved = r["total"] * batch / r["step_s"] / n_dev
+    mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (pass --peak-flops)"
+    memory = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
+    split = f" in {r['micro_batches']} micro-batches of {batch // r['micro_batches']}" if r["micro_batches"] > 1 else ""
+    print(f"batch {batch}{split}: {batch / r['step_s']:.3g} samples/s, step {r['step_s'] * 1e3:.0f} ms "
+          f"(compile+first {r['first_s']:.1f} s, build {r['build_s']:.1f} s), "
+          f"{si(achieved)}FLOP/s/device, MFU {mfu}, loss {r['loss']:.3f}, "
+          f"peak memory {memory} on device 0")
+
+
+def compare_micro_batches(cfg, tok, args, batch: int, peak, n_dev: int) -> None:
+    """The accumulated step, then the one-pass step on the same global batch (the peak
+    memory printed for the second is the process's peak so far, so the first goes first)."""
+    acc = measure(cfg, tok, args, batch, args.micro_batches)
+    print_result(acc, peak, n_dev)
+    try:
+        one = measure(cfg, tok, args, batch, 1)
+    except Exception as err:  # noqa: BLE001
+        if not out_of_memory(err):
+            raise
+        print(f"batch {batch} in one pass: out of memory (the accumulated step fits)")
+    else:
+        print_result(one, peak, n_dev)
+        print(f"cost of {args.micro_batches} micro-batches vs one pass at batch {batch}: "
+              f"{acc['step_s'] / one['step_s']:.2f}x step time; losses {acc['loss']:.6f} vs "
+              f"{one['loss']:.6f}")
+    print_flops(acc, tok)
 
 
 if __name__ == "__main__":
