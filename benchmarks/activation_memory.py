@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mama_jax import losses
+from mama_jax import grad_cache, losses
 from mama_jax.models import mama, text as text_lib, vit
 # What jax.ad_checkpoint.print_saved_residuals prints, as a list (no public equivalent).
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
@@ -205,42 +205,15 @@ def heads_grad(mcfg):
 
 def training_grad(mcfg, micro_batches: int = 1):
     """(g(trainable, rest, batch) -> gradients of what trains, trainable, rest): the training
-    step's forward + backward on an abstract model, the loss a sum of every embedding.
-
-    k = 1: jax.grad of the whole forward. k > 1: the GradCache step described above (a
-    mirror of mama_jax/grad_cache.py's, for sizing only; dropout keys per caption so that
-    (a) and (c) draw the same masks)."""
+    step's forward + backward (mama_jax/grad_cache.py, one pass or k micro-batches) on an
+    abstract model, the loss a sum of every embedding."""
     graphdef, trainable, rest = split_model(mcfg)
 
-    if micro_batches == 1:
-        def whole(t, r, batch):
-            return _scalar(_merge(graphdef, t, r)(batch, train=True, rngs=nnx.Rngs(dropout=0)))
-        return jax.grad(whole), trainable, rest
-
-    def towers(t, r, batch, keys):
-        feats = _merge(graphdef, t, r).tower_features(batch, train=True, dropout_keys=keys)
-        return feats.pop("sent_mask"), feats  # the mask is boolean: no gradient
-
-    def split(x):
-        return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
-
-    def join(x):
-        return x.reshape(-1, *x.shape[2:])
+    def loss_fn(model, emb):
+        return _scalar(emb), {}
 
     def grad(t, r, batch):
-        b = batch["input_ids"].shape[0]
-        micro = jax.tree.map(split, (batch, jax.random.split(jax.random.key(0), b)))
-        # (a) the cache, (b) the heads on the whole batch, (c) the towers again under vjp.
-        _, (mask, feats) = jax.lax.scan(lambda c, xs: (c, towers(t, r, *xs)), None, micro)
-        mask, feats = jax.tree.map(join, (mask, feats))
-        g, g_feats = jax.grad(_heads_loss(graphdef), argnums=(0, 2))(t, r, feats, mask)
-
-        def pull_back(acc, xs):
-            mb, keys, g_mb = xs
-            _, vjp = jax.vjp(lambda t_: towers(t_, r, mb, keys)[1], t)
-            return jax.tree.map(jnp.add, acc, vjp(g_mb)[0]), None
-
-        g, _ = jax.lax.scan(pull_back, g, (*micro, jax.tree.map(split, g_feats)))
-        return g
+        return grad_cache.loss_and_grads(graphdef, t, r, batch, jax.random.key(0), loss_fn=loss_fn,
+                                         micro_batches=micro_batches)[2]
 
     return grad, trainable, rest
