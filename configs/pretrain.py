@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
         global_batch_size=144,        # the batch the loss sees (negatives, BatchNorm)
         max_length=144,
         second_view="intra_study",    # same_image | intra_side | intra_study_no_self (Table 5)
-        p_self=0.5,                   # D16
+        p_self=0.5,                   # D16: anchor re-augmented (intra_study, intra_side)
         caption_style="structured",   # structured_nomask | tabular | label_only (Table 6)
         mask_prob=0.8,                # meta-information masking m
         num_threads=8,
@@ -71,9 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
         delta=8000,                   # local loss off before this optimizer step
         aux_start_step=-1,            # D1 official: 8000 gates L_VV and L_VT(v~,t) too; -1 = off
         directions="mean",            # sum = official (D2)
-        clip_directions="",           # "" = directions; i2t = "w/o symmetric L_VT"
+        clip_directions="",           # "" = directions; i2t = image-to-text CE only
         use_vv=True,
-        use_second_view_clip=True,
+        use_second_view_clip=True,    # False = Table 4 "w/o symmetric L_VT" (L_VT for view 1 only)
         use_local=True,
         nt_xent_temperature=0.5,      # D15
         caption_chunk=0,              # 0 = automatic

@@ -41,7 +41,7 @@ class DataConfig:
     global_batch_size: int = 144
     max_length: int = 144                # tokens, BOS and EOS included
     second_view: str = "intra_study"     # one of SECOND_VIEWS (paper Table 5)
-    p_self: float = 0.5                  # D16: P(second view = anchor re-augmented), intra_study
+    p_self: float = 0.5                  # D16: P(second view = anchor re-augmented), intra_study / intra_side
     caption_style: str = "structured"    # captions.STYLES
     mask_prob: float = 0.8               # §3.2, training captions only
     seed: int = 0
@@ -113,7 +113,8 @@ def choose_second_view(anchor: int, candidates: np.ndarray, strategy: str, p_sel
     """Record index of the second view (§3.3, Table 5). `candidates` = study_index entry."""
     if strategy == "same_image":
         return anchor
-    if strategy == "intra_study" and rng.random() < p_self:
+    # The official code re-augments the anchor with p_self for the study and the side pair.
+    if strategy in ("intra_study", "intra_side") and rng.random() < p_self:
         return anchor
     if len(candidates) == 0:  # a study (or side) with one image: the anchor re-augmented
         return anchor

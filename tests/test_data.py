@@ -108,18 +108,22 @@ def test_unknown_laterality_has_no_intra_side_partner():
     assert [c.tolist() for c in study] == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2], []]
 
 
-def test_choose_second_view_rules_and_p_self_rate():
+@pytest.mark.parametrize("strategy", ["intra_study", "intra_side"])
+def test_choose_second_view_rules_and_p_self_rate(strategy):
+    """intra_study and intra_side (the official --inter_view) both take the anchor itself,
+    re-augmented, with p_self (D16); intra_study_no_self never does."""
     cands = np.array([3, 5, 9], np.int32)
     rng = np.random.default_rng(0)
-    draws = [data.choose_second_view(1, cands, "intra_study", 0.5, rng) for _ in range(4000)]
+    draws = [data.choose_second_view(1, cands, strategy, 0.5, rng) for _ in range(4000)]
     assert set(draws) <= {1, 3, 5, 9}
+    # 4000 draws of p = 0.5: standard error 0.008, so 0.04 is 5 sigma
     assert abs(np.mean(np.array(draws) == 1) - 0.5) < 0.04
     others = np.array([d for d in draws if d != 1])
-    assert all(abs(np.mean(others == c) - 1 / 3) < 0.05 for c in cands)  # uniform over the study
-    for strategy in ("intra_side", "intra_study_no_self"):
-        picks = {data.choose_second_view(1, cands, strategy, 0.5, rng) for _ in range(200)}
-        assert picks == {3, 5, 9}
-        assert data.choose_second_view(1, cands[:0], strategy, 0.5, rng) == 1  # fallback: anchor
+    assert all(abs(np.mean(others == c) - 1 / 3) < 0.05 for c in cands)  # uniform over the group
+    assert data.choose_second_view(1, cands[:0], strategy, 0.5, rng) == 1  # fallback: anchor
+    picks = {data.choose_second_view(1, cands, "intra_study_no_self", 0.5, rng) for _ in range(200)}
+    assert picks == {3, 5, 9}
+    assert data.choose_second_view(1, cands[:0], "intra_study_no_self", 0.5, rng) == 1
     assert data.choose_second_view(1, cands, "same_image", 0.5, rng) == 1
     assert data.choose_second_view(1, cands, "intra_study", 1.0, rng) == 1
 
@@ -159,10 +163,12 @@ def test_second_views_come_from_the_allowed_set(cfg, tok, train_records, strateg
         else:
             assert j == i or j in allowed[i]
             self_rate_with_partners.append(j == i)
-            if strategy != "intra_study":
+            if strategy not in ("intra_study", "intra_side"):
                 assert j != i
-    if strategy == "intra_study":
-        assert 0.3 < np.mean(self_rate_with_partners) < 0.7  # p_self 0.5 (84 draws)
+    if strategy in ("intra_study", "intra_side"):  # p_self 0.5, within 4 standard errors
+        n = len(self_rate_with_partners)
+        assert n >= 20
+        assert abs(np.mean(self_rate_with_partners) - 0.5) < 4 * 0.5 / np.sqrt(n)
 
 
 def test_captions_masked_in_training_and_tokens_well_formed(cfg, tok, train_records):
