@@ -32,9 +32,11 @@ def get_config(arg: str | None = None):
     # at best barely warmer on the mass than on the rest of the breast (lift 0.6-1.1,
     # pointing hits near chance), also with the LM first warmed up on the captions or
     # each sentence encoded on its own. With token means the mass sentence lights the
-    # mass on this run (seed 0: test lift 1.33, pointing hits 67 % vs 21 % chance), but
-    # not on every seed: seeds 1 and 2 give lift 0.99 and 0.87 at 600 steps (1.37 and
-    # 1.33 at 1200, where seed 0 drops to 1.05). configs/pretrain.py keeps SEP states.
+    # mass on this run (seed 0: test lift 1.40, pointing hits 67 % vs 21 % chance), but
+    # not on every seed: seeds 1 and 2 give lift 0.77 and 1.02 (hits 0 % and 25 %) at 600
+    # steps (`--config.seed=N`, then configs/maps.py). Before text dropout drew one key per
+    # caption the same three seeds gave 1.33 / 0.99 / 0.87, and at 1200 steps 1.05 / 1.37 /
+    # 1.33 (not re-measured since). configs/pretrain.py keeps SEP states.
     c.model.update(dict(
         vit="tiny", num_registers=4, text="tiny", tokenizer="", random_init=True,
         train_text_base=True, vit_layerscale_init=1.0, sentence_features="token_mean",

@@ -32,8 +32,6 @@ from flax import nnx, traverse_util
 from mama_jax.models import mama
 from mama_jax.models import tokenizer as tok_lib
 from mama_jax.models.export_hf import export_dinov2_hf
-from mama_jax.models.text import text_config_from_dict, text_config_to_dict
-from mama_jax.models.vit import vit_config_from_dict, vit_config_to_dict
 
 FORMAT = "mama_jax.export"
 FORMAT_VERSION = 1
@@ -53,11 +51,6 @@ class PackageError(ValueError):
 
 
 # ----------------------------------------------------------------------------- export
-
-def _model_config_dict(cfg: mama.MaMAConfig) -> dict:
-    rest = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("vit", "text")}
-    return {"vit": vit_config_to_dict(cfg.vit), "text": text_config_to_dict(cfg.text), "mama": rest}
-
 
 def _check_tokenizer(tok: tok_lib.TextTokenizer, folder: str) -> None:
     """The saved tokenizer must give the same ids (load_tokenizer re-adds MaMA's tokens)."""
@@ -99,7 +92,7 @@ def write_package(model: mama.MaMA, tok: tok_lib.TextTokenizer, pretrain_cfg: di
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(tmp, STATE_DIR), state)
     with open(os.path.join(tmp, MODEL_CONFIG_FILE), "w") as f:
-        json.dump(_model_config_dict(model.cfg), f, indent=2)
+        json.dump(mama.config_to_dict(model.cfg), f, indent=2)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step), "source": source,
             "config": pretrain_cfg}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -118,7 +111,7 @@ def export_package(pretrain_workdir: str, out_dir: str, *, step: int | None = No
     from mama_jax.evaluate import restore
 
     cfg = restore.load_pretrain_config(pretrain_workdir)
-    model, tok, step = restore.restore_model(pretrain_workdir, step=step, cfg=cfg)
+    model, tok, step = restore.restore_model(pretrain_workdir, step=step)
     return write_package(model, tok, json.loads(cfg.to_json_best_effort()), step, out_dir,
                          source=os.path.abspath(pretrain_workdir))
 
@@ -165,12 +158,13 @@ def _mama_config(path: str, meta: dict) -> mama.MaMAConfig:
     source = os.path.join(path, MODEL_CONFIG_FILE)
     mc = _read_json(source)
     try:
+        for part in ("vit", "text", "mama"):
+            _field(mc, (part,), source)
+        cfg = mama.config_from_dict(mc)
         # Inference needs neither remat nor a GPU-only attention kernel; shapes are unchanged.
-        vit = dataclasses.replace(vit_config_from_dict(_field(mc, ("vit",), source)),
-                                  remat=False, attention_impl=None)
-        text = dataclasses.replace(text_config_from_dict(_field(mc, ("text",), source)),
-                                   remat=False, attention_impl=None)
-        cfg = mama.MaMAConfig(vit=vit, text=text, **_field(mc, ("mama",), source))
+        cfg = dataclasses.replace(
+            cfg, vit=dataclasses.replace(cfg.vit, remat=False, attention_impl=None),
+            text=dataclasses.replace(cfg.text, remat=False, attention_impl=None))
     except (TypeError, ValueError) as err:
         raise PackageError(f"{source}: invalid model config: {err}") from err
     config_path = os.path.join(path, CONFIG_FILE)

@@ -104,16 +104,18 @@ def vision_tower(cfg, dtype=None, *, shapes_only: bool = False) -> vit.VisionTra
     return nnx.eval_shape(lambda: vit.VisionTransformer(vc, rngs=nnx.Rngs(0)))
 
 
-def _text(cfg, tok, dtype) -> text.TextDecoder:
+def _text(cfg, tok, dtype, *, shapes_only: bool = False) -> text.TextDecoder:
     m = cfg.model
     base_dtype = jnp.dtype(m.text_param_dtype)
     common = dict(lora=_lora(cfg), num_added_tokens=tok.num_added_tokens, scan_layers=m.scan_layers,
                   remat=m.remat)
     if m.text_weights:
         if os.path.exists(os.path.join(m.text_weights, convert.TOWER_FILE)):
-            model = convert.load_tower(m.text_weights, expect="gpt2")
+            load = convert.abstract_tower if shapes_only else convert.load_tower
+            model = load(m.text_weights, expect="gpt2")
         else:
-            model = convert.load_gpt2(m.text_weights, dtype=dtype, param_dtype=base_dtype, **common)
+            load = convert.abstract_gpt2 if shapes_only else convert.load_gpt2
+            model = load(m.text_weights, dtype=dtype, param_dtype=base_dtype, **common)
         tok.check_model(model.cfg.vocab_size, model.cfg.num_added_tokens)
         return model
     if not m.random_init:
@@ -124,12 +126,8 @@ def _text(cfg, tok, dtype) -> text.TextDecoder:
     return nnx.eval_shape(lambda: text.TextDecoder(tc, rngs=nnx.Rngs(0)))
 
 
-def model(cfg, tok: tok_lib.TextTokenizer) -> mama.MaMA:
-    """MaMA with pretrained towers where configured; random parts are initialised
-    inside jit (from cfg.seed) so nothing is built twice on the host."""
-    dtype = jnp.dtype(cfg.model.dtype)
-    vision, lm = vision_tower(cfg, dtype), _text(cfg, tok, dtype)
-    mcfg = mama.MaMAConfig(vit=vision.cfg, text=lm.cfg, sep_id=tok.sep_id,
+def _model_config(cfg, tok: tok_lib.TextTokenizer, vision_cfg, text_cfg) -> mama.MaMAConfig:
+    return mama.MaMAConfig(vit=vision_cfg, text=text_cfg, sep_id=tok.sep_id,
                            embed_dim=cfg.model.embed_dim, local_hidden=cfg.model.local_hidden,
                            simclr_out=cfg.model.simclr_out, text_pool=cfg.model.text_pool,
                            max_sentences=cfg.model.max_sentences,
@@ -138,14 +136,31 @@ def model(cfg, tok: tok_lib.TextTokenizer) -> mama.MaMA:
                            freeze_llm=cfg.model.freeze_llm,
                            train_text_base=cfg.model.train_text_base)
 
+
+def model_config(cfg, tok: tok_lib.TextTokenizer) -> mama.MaMAConfig:
+    """The configured architecture, read from the weights' configs only (no weights)."""
+    dtype = jnp.dtype(cfg.model.dtype)
+    return _model_config(cfg, tok, vision_tower(cfg, dtype, shapes_only=True).cfg,
+                         _text(cfg, tok, dtype, shapes_only=True).cfg)
+
+
+def model(cfg, tok: tok_lib.TextTokenizer, mesh=None) -> mama.MaMA:
+    """MaMA with pretrained towers where configured; random parts are initialised
+    inside jit (from cfg.seed) so nothing is built twice on the host, and with a `mesh`
+    straight into the training shardings (no device holds the whole model first)."""
+    dtype = jnp.dtype(cfg.model.dtype)
+    vision, lm = vision_tower(cfg, dtype), _text(cfg, tok, dtype)
+    mcfg = _model_config(cfg, tok, vision.cfg, lm.cfg)
+
     def init():
         rngs = nnx.Rngs(cfg.seed)
         fresh_vision = vit.VisionTransformer(vision.cfg, rngs=rngs)
         fresh_text = text.TextDecoder(lm.cfg, rngs=rngs)
         return nnx.state(mama.MaMA(mcfg, rngs=rngs, vision=fresh_vision, text=fresh_text))
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: mama.MaMA(mcfg, rngs=nnx.Rngs(0))))
-    state = jax.jit(init)()
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: mama.MaMA(mcfg, rngs=nnx.Rngs(0))))
+    placed = sharding.state_shardings(abstract, mesh) if mesh is not None else None
+    state = jax.jit(init, out_shardings=placed)()
     # Pretrained towers replace their random init (abstract towers stay random).
     for name, tower in (("vision", vision), ("text", lm)):
         tower_state = nnx.state(tower)

@@ -23,8 +23,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax import (checkpoint, data, factory, grad_cache, losses, metrics, optim, sharding,
-                      train_state)
+from mama_jax import (checkpoint, data, factory, grad_cache, losses, metrics, optim, run_model,
+                      sharding, train_state)
 from mama_jax.models import mama
 
 STEP_INPUTS = ("view1", "view2", "input_ids", "attention_mask")
@@ -175,7 +175,8 @@ def train(cfg, workdir: str) -> dict:
                                   f"must divide evenly over the {mesh.size} devices")
     data_cfg = factory.data_config(cfg)
     tok = factory.tokenizer(cfg, workdir)
-    model = factory.model(cfg, tok)
+    model = factory.model(cfg, tok, mesh)
+    run_model.write(workdir, model.cfg, tok)  # evaluation rebuilds the model from this alone
     run = Run.create(cfg, model, mesh)
     del model
     iterator = data.train_iterator(data_cfg, tok, process_index=proc, process_count=n_proc)

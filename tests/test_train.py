@@ -275,3 +275,15 @@ def test_late_start_groups_follow_delta_and_the_official_aux_schedule():
     assert train.late_start_groups(cfg) == [(mama.LOCAL_GROUP, cfg.loss.delta),
                                             (mama.SIMCLR_GROUP, 8000)]
 
+
+
+def test_random_init_lands_in_the_training_shardings(setup):
+    """factory.model with a mesh initialises straight into Run's shardings: every array
+    is already spread over the 8 devices as the step wants it, not built on device 0."""
+    cfg, tok, _ = setup
+    mesh = sharding.make_mesh(4, 2)
+    state = nnx.state(factory.model(cfg, tok, mesh))
+    expected = sharding.state_shardings(state, mesh)
+    for (path, leaf), want in zip(nnx.to_flat_state(state), jax.tree.leaves(expected)):
+        assert leaf.sharding == want, path
+        assert len(leaf.sharding.device_set) == 8, path

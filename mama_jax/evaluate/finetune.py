@@ -202,7 +202,8 @@ def run(cfg, workdir: str) -> dict:
                            "pretrain_step": int(pretrain_step), "num_classes": len(class_names),
                            "dtype": pretrain_cfg.model.dtype})
 
-    vision, _ = restore.restore_vision(cfg.pretrain_workdir, step=pretrain_step, cfg=pretrain_cfg)
+    vision, _ = restore.restore_vision(cfg.pretrain_workdir, step=pretrain_step,
+                                       dtype=pretrain_cfg.model.dtype)
     net = finetune_model.Classifier(vision, len(class_names), rngs=nnx.Rngs(cfg.seed))
     del vision
     mesh = finetune_model.data_parallel_mesh(cfg.batch_size)

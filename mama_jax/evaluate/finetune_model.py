@@ -109,10 +109,8 @@ def restore_classifier(workdir: str, task: str, *, step: int | None = None):
         raise FileNotFoundError(f"{folder}: no {RUN_FILE}; not a fine-tune run of task {task!r}")
     with open(path) as f:
         info = json.load(f)
-    pretrain_cfg = restore.load_pretrain_config(info["pretrain_workdir"])
-    pretrain_cfg.model.dtype = info["dtype"]
     # The fine-tune checkpoint holds the whole classifier, ViT included: the pretraining
     # checkpoint is not read, the tower only gives the shapes to restore into.
-    net = Classifier(factory.vision_tower(pretrain_cfg, shapes_only=True), info["num_classes"],
-                     rngs=nnx.Rngs(0))
+    vit_cfg = restore.vision_config(info["pretrain_workdir"], dtype=info["dtype"])
+    net = Classifier(restore.abstract_vision(vit_cfg), info["num_classes"], rngs=nnx.Rngs(0))
     return restore.restore_split(net, trainable_filter(), os.path.join(folder, "checkpoints"), step)

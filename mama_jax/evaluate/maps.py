@@ -327,7 +327,7 @@ def run(cfg, workdir: str) -> dict:
     records = choose_records(source, int(cfg.num_images), tuple(cfg.image_ids))
     scored = _scored_records(source, int(cfg.get("score_images", 0)))
     step = cfg.get("step", -1)
-    model, tok, step = restore.restore_model(cfg.pretrain_workdir, cfg=pcfg,
+    model, tok, step = restore.restore_model(cfg.pretrain_workdir,
                                              step=None if step is None or step < 0 else step)
     # The ViT resizes its position table to any grid, so maps can be drawn at a finer
     # patch grid than pretraining used.

@@ -1,16 +1,18 @@
-"""Rebuild a pretrained MaMA from its pretraining workdir (config + Orbax checkpoint)."""
+"""Rebuild a pretrained MaMA from its pretraining workdir (WORKDIR/model/ + Orbax checkpoint)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mama_jax import checkpoint, factory, sharding
-from mama_jax.models import mama
+from mama_jax import checkpoint, factory, run_model, sharding
+from mama_jax.models import mama, vit
 
 CONFIG_FILE = "config_pretrain.json"
 
@@ -52,19 +54,45 @@ def restore_split(module: nnx.Module, trainable_filter, folder: str, step: int |
     return nnx.merge(graphdef, params["trainable"], params["rest"]), step
 
 
+def architecture(pretrain_workdir: str, cfg: ml_collections.ConfigDict | None = None):
+    """(MaMAConfig, tokenizer) of a pretraining run: from the run's own WORKDIR/model/
+    (run_model), or, with `cfg` or for a run saved before that folder existed, from the
+    config's weight configs (shapes only; no weight is read either way)."""
+    if cfg is None and run_model.exists(pretrain_workdir):
+        return run_model.read_config(pretrain_workdir), run_model.read_tokenizer(pretrain_workdir)
+    cfg = cfg or load_pretrain_config(pretrain_workdir)
+    tok = factory.tokenizer(cfg, pretrain_workdir)
+    return factory.model_config(cfg, tok), tok
+
+
 def restore_model(pretrain_workdir: str, *, step: int | None = None,
                   cfg: ml_collections.ConfigDict | None = None):
     """(model, tokenizer, step) from the latest (or given) checkpoint of a pretraining run.
 
-    `cfg` defaults to the run's own saved config; passing another model size
-    fails with a CheckpointMismatchError that names the checkpoint.
+    An abstract model of the run's architecture filled by the checkpoint: no source
+    weight file is read and nothing is initialised. `cfg` builds the architecture from
+    another config instead; another model size fails with a CheckpointMismatchError
+    that names the parameter.
     """
-    cfg = cfg or load_pretrain_config(pretrain_workdir)
-    tok = factory.tokenizer(cfg, pretrain_workdir)
-    model = factory.model(cfg, tok)
-    model, step = restore_split(model, mama.trainable_filter(model.cfg),
+    mcfg, tok = architecture(pretrain_workdir, cfg)
+    model, step = restore_split(run_model.abstract_model(mcfg), mama.trainable_filter(mcfg),
                                 os.path.join(pretrain_workdir, "checkpoints"), step)
     return model, tok, step
+
+
+def vision_config(pretrain_workdir: str, cfg: ml_collections.ConfigDict | None = None,
+                  dtype=None) -> vit.ViTConfig:
+    """The run's ViT architecture (see `architecture`), in compute `dtype` if given."""
+    if cfg is None and run_model.exists(pretrain_workdir):
+        vit_cfg = run_model.read_config(pretrain_workdir).vit
+    else:
+        vit_cfg = factory.vision_tower(cfg or load_pretrain_config(pretrain_workdir),
+                                       shapes_only=True).cfg
+    return dataclasses.replace(vit_cfg, dtype=jnp.dtype(dtype)) if dtype else vit_cfg
+
+
+def abstract_vision(vit_cfg: vit.ViTConfig) -> vit.VisionTransformer:
+    return nnx.eval_shape(lambda: vit.VisionTransformer(vit_cfg, rngs=nnx.Rngs(0)))
 
 
 def _merge_groups(groups: list[dict]) -> dict:
@@ -83,16 +111,15 @@ def _merge_groups(groups: list[dict]) -> dict:
 
 
 def restore_vision(pretrain_workdir: str, *, step: int | None = None,
-                   cfg: ml_collections.ConfigDict | None = None):
+                   cfg: ml_collections.ConfigDict | None = None, dtype=None):
     """(vision tower, step): the ViT of a pretraining checkpoint, on one device.
 
     Reads only the ViT's arrays: the text tower is neither built nor loaded (at the
-    paper's size that is 2.6B parameters that fine-tuning would drop), and of
-    model.vit_weights only the architecture (its config, not its weights). A checkpoint
-    of another ViT size stops with a CheckpointMismatchError naming the parameter.
+    paper's size that is 2.6B parameters that fine-tuning would drop); the architecture
+    comes from vision_config. A checkpoint of another ViT size stops with a
+    CheckpointMismatchError naming the parameter. `dtype`: the compute dtype to run in.
     """
-    cfg = cfg or load_pretrain_config(pretrain_workdir)
-    vision = factory.vision_tower(cfg, shapes_only=True)
+    vision = abstract_vision(vision_config(pretrain_workdir, cfg, dtype))
     folder = os.path.join(pretrain_workdir, "checkpoints")
     ckpt = checkpoint.Checkpointer(folder, async_save=False)
     try:

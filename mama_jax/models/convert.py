@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mama_jax.models.convert_dinov2 import abstract_dinov2, load_dinov2  # noqa: F401 (public API)
-from mama_jax.models.convert_gpt2 import load_gpt2  # noqa: F401 (public API)
+from mama_jax.models.convert_gpt2 import abstract_gpt2, load_gpt2  # noqa: F401 (public API)
 from mama_jax.models.text import TextDecoder, text_config_from_dict, text_config_to_dict
 from mama_jax.models.vit import VisionTransformer, vit_config_from_dict, vit_config_to_dict
 from mama_jax.models.weights import ConversionError

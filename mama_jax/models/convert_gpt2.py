@@ -137,6 +137,19 @@ def _fresh_variables(cfg: TextConfig, seed: int) -> nnx.State:
     return nnx.state(TextDecoder(cfg, rngs=nnx.Rngs(seed)), FRESH_VARIABLES)
 
 
+def gpt2_config(path: str, **overrides) -> TextConfig:
+    """The TextConfig of a transformers GPT-2 folder (its config.json; no weight is read)."""
+    path = os.fspath(path)
+    return text_config_from_hf(read_hf_config(path), source=os.path.join(path, "config.json"),
+                               **overrides)
+
+
+def abstract_gpt2(path: str, **overrides) -> TextDecoder:
+    """The shape-only decoder that `load_gpt2` (same arguments) would fill."""
+    cfg = gpt2_config(path, **overrides)
+    return nnx.eval_shape(lambda: TextDecoder(cfg, rngs=nnx.Rngs(0)))
+
+
 def load_gpt2(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, lora: LoRAConfig | None = None,
               num_added_tokens: int = 0, scan_layers: bool = False, remat: bool = False,
               rngs_seed: int = 0, **config_overrides) -> TextDecoder:
@@ -148,10 +161,9 @@ def load_gpt2(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, lora: Lo
     dropouts) can be passed as keyword overrides.
     """
     path = os.fspath(path)
-    cfg = text_config_from_hf(read_hf_config(path), source=os.path.join(path, "config.json"),
-                              dtype=dtype, param_dtype=param_dtype, lora=lora,
-                              num_added_tokens=num_added_tokens, scan_layers=scan_layers, remat=remat,
-                              **config_overrides)
+    cfg = gpt2_config(path, dtype=dtype, param_dtype=param_dtype, lora=lora,
+                      num_added_tokens=num_added_tokens, scan_layers=scan_layers, remat=remat,
+                      **config_overrides)
     pure = gpt2_state_from_tensors(load_tensors(path), cfg, source=path)
 
     graphdef, fresh_abstract, base_abstract = nnx.split(

@@ -21,7 +21,7 @@ from flax import nnx
 from mama_jax.models import text as text_lib
 from mama_jax.models.heads import Scalar, TokenMLP
 from mama_jax.models.text import TextConfig, TextDecoder
-from mama_jax.models.vit import ViTConfig, VisionTransformer
+from mama_jax.models.vit import ViTConfig, VisionTransformer, vit_config_from_dict, vit_config_to_dict
 
 TEXT_POOLS = ("last", "masked_mean", "official")
 # "sep": the LM's state at each sentence's SEP (paper). "token_mean": the mean input
@@ -56,6 +56,19 @@ class MaMAConfig:
         if self.sentence_features not in SENTENCE_FEATURES:
             raise ValueError(f"MaMAConfig.sentence_features={self.sentence_features!r}; "
                              f"choose from {SENTENCE_FEATURES}")
+
+
+def config_to_dict(cfg: MaMAConfig) -> dict:
+    """JSON-safe {vit, text, mama}: how run workdirs and export packages store the architecture."""
+    rest = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("vit", "text")}
+    return {"vit": vit_config_to_dict(cfg.vit), "text": text_lib.text_config_to_dict(cfg.text),
+            "mama": rest}
+
+
+def config_from_dict(d: dict) -> MaMAConfig:
+    """The inverse of config_to_dict; KeyError / TypeError / ValueError name what is wrong."""
+    return MaMAConfig(vit=vit_config_from_dict(d["vit"]), text=text_lib.text_config_from_dict(d["text"]),
+                      **d["mama"])
 
 
 class MaMA(nnx.Module):
