@@ -24,18 +24,18 @@ class ShardedState:
         opt_state = jax.jit(tx.init)(self.trainable)
         self.opt_sh = sharding.state_shardings(opt_state, mesh)
         self.opt_state = jax.device_put(opt_state, self.opt_sh)
-
-    @property
-    def params(self) -> dict:
-        return {"trainable": self.trainable, "rest": self.rest}
+        self._frozen_on_disk = False
 
     def save(self, ckpt: checkpoint.Checkpointer, step: int, data_iterator=None) -> None:
-        ckpt.save(step, params=self.params, opt_state=self.opt_state, data_iterator=data_iterator)
+        """What changes, every save; the frozen parameters with this run's first save only
+        (a resumed run restored them, so they are on disk already)."""
+        ckpt.save_state(step, self.trainable, self.rest, self.opt_state, data_iterator,
+                        write_frozen=not self._frozen_on_disk)
+        self._frozen_on_disk = True
 
     def restore(self, ckpt: checkpoint.Checkpointer, step: int, data_iterator=None) -> None:
-        params, self.opt_state = ckpt.restore(
-            step, params={"trainable": checkpoint.abstract_like(self.trainable, self.trainable_sh),
-                          "rest": checkpoint.abstract_like(self.rest, self.rest_sh)},
-            opt_state=checkpoint.abstract_like(self.opt_state, self.opt_sh),
-            data_iterator=data_iterator)
-        self.trainable, self.rest = params["trainable"], params["rest"]
+        self.trainable, self.rest, self.opt_state = ckpt.restore_state(
+            step, checkpoint.abstract_like(self.trainable, self.trainable_sh),
+            checkpoint.abstract_like(self.rest, self.rest_sh),
+            checkpoint.abstract_like(self.opt_state, self.opt_sh), data_iterator)
+        self._frozen_on_disk = True

@@ -76,3 +76,57 @@ def test_vision_restore_takes_only_the_architecture_from_vit_weights(pretrained_
     assert got.cfg.hidden == want.cfg.hidden and got.cfg.num_registers == want.cfg.num_registers
     images = np.random.default_rng(1).normal(size=(2, 56, 56, 3)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(got(images).prenorm), np.asarray(want(images).prenorm))
+
+
+def _saved_paths(path):
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.metadata(path).item_metadata
+    tree = getattr(tree, "tree", tree)
+    return {"/".join(map(str, k)) for k in traverse_util.flatten_dict(dict(tree))}
+
+
+def test_checkpoints_hold_what_changes_and_the_frozen_part_is_saved_once(pretrained_workdir):
+    """Each step holds the trainable parameters and the BatchNorm statistics with the
+    model's own paths; the parameters frozen for the run are in checkpoints/frozen, once."""
+    import os
+
+    from flax import nnx
+
+    from mama_jax.models import mama
+
+    folder = os.path.join(pretrained_workdir, "checkpoints")
+    model, _, step = restore.restore_model(pretrained_workdir)
+    _, trainable, rest = nnx.split(model, mama.trainable_filter(model.cfg), ...)
+    changing, frozen = checkpoint.split_frozen(rest)
+    names = lambda state: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}  # noqa: E731
+    step_paths = _saved_paths(os.path.join(folder, str(step), "params"))
+    assert step_paths == names(trainable) | names(changing)
+    assert any(p.endswith("bn1/mean") for p in step_paths)  # statistics change: every step
+    assert _saved_paths(os.path.join(folder, checkpoint.FROZEN_DIR)) == names(frozen)
+    assert names(frozen) and all(p.startswith("vision/") for p in names(frozen))  # norm, mask token
+    assert not any(p.startswith(("trainable/", "rest/")) for p in step_paths)
+
+
+def test_a_missing_or_foreign_frozen_part_is_named(pretrained_workdir, tmp_path):
+    import os
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(pretrained_workdir, copy)
+    frozen = copy / "checkpoints" / checkpoint.FROZEN_DIR
+    shutil.rmtree(frozen)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=f"{frozen}: missing"):
+        restore.restore_model(str(copy))
+    # The frozen part of another ViT width does not fit this model's.
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as writer:
+        writer.save(str(frozen), {"vision": {"mask_token": jnp.zeros((1, 3)),
+                                             "norm": {"bias": jnp.zeros(3), "scale": jnp.ones(3)}}})
+    assert os.path.isdir(frozen)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=f"{frozen}: the frozen parameters"):
+        restore.restore_model(str(copy))

@@ -42,16 +42,15 @@ def restore_split(module: nnx.Module, trainable_filter, folder: str, step: int |
     """(module, step): `module` with the parameters of a run's checkpoint in `folder`
     (saved as its {trainable, rest} split; latest step by default), on one device."""
     graphdef, trainable, rest = nnx.split(module, trainable_filter, ...)
-    target = {"trainable": trainable, "rest": rest}
     rep = one_device()
+    on_device = lambda tree: checkpoint.abstract_like(tree, jax.tree.map(lambda _: rep, tree))  # noqa: E731
     ckpt = checkpoint.Checkpointer(folder, async_save=False)
     try:
         step = _checkpoint_step(ckpt, step)
-        params, _ = ckpt.restore(step, params=checkpoint.abstract_like(
-            target, jax.tree.map(lambda _: rep, target)))
+        trainable, rest, _ = ckpt.restore_state(step, on_device(trainable), on_device(rest))
     finally:
         ckpt.close()
-    return nnx.merge(graphdef, params["trainable"], params["rest"]), step
+    return nnx.merge(graphdef, trainable, rest), step
 
 
 def architecture(pretrain_workdir: str, cfg: ml_collections.ConfigDict | None = None):
@@ -95,21 +94,6 @@ def abstract_vision(vit_cfg: vit.ViTConfig) -> vit.VisionTransformer:
     return nnx.eval_shape(lambda: vit.VisionTransformer(vit_cfg, rngs=nnx.Rngs(0)))
 
 
-def _merge_groups(groups: list[dict]) -> dict:
-    """One nested dict of arrays from the checkpoint's parameter groups (trainable /
-    rest), without the "value" level that nnx Variables add."""
-    out: dict = {}
-    for group in groups:
-        for key, node in group.items():
-            if isinstance(node, dict) and set(node) == {"value"}:
-                out[key] = node["value"]
-            elif isinstance(node, dict):
-                out[key] = _merge_groups([out.get(key, {}), node])
-            else:
-                out[key] = node
-    return out
-
-
 def restore_vision(pretrain_workdir: str, *, step: int | None = None,
                    cfg: ml_collections.ConfigDict | None = None, dtype=None):
     """(vision tower, step): the ViT of a pretraining checkpoint, on one device.
@@ -124,11 +108,11 @@ def restore_vision(pretrain_workdir: str, *, step: int | None = None,
     ckpt = checkpoint.Checkpointer(folder, async_save=False)
     try:
         step = _checkpoint_step(ckpt, step)
-        saved = ckpt.restore_params_subtree(step, lambda keys: keys[1:2] == ("vision",),
+        saved = ckpt.restore_params_subtree(step, lambda keys: keys[:1] == ("vision",),
                                             one_device())
     finally:
         ckpt.close()
-    arrays = _merge_groups([group["vision"] for group in saved.values() if "vision" in group])
+    arrays = saved.get("vision", {})
     state = nnx.state(vision)
     expected = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0])
     found = dict(jax.tree_util.tree_flatten_with_path(arrays)[0])
