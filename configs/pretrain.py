@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
         # mama_jax/grad_cache.py): the loss still sees the whole batch, memory holds one
         # micro-batch's tower activations. docs/scaling.md gives k per GPU set-up.
         micro_batches=1,
+        # Zero-shot density / BI-RADS / cancer bACC and AUC on the validation split every
+        # this many steps (metrics.jsonl and TensorBoard "val_zs/..."; 0 = off). Each one
+        # encodes the whole split and its prompts once with the live model.
+        eval_every=2000,
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # devices: data x fsdp, -1 = the rest

@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain_workdir = ""   # the pretraining run's --workdir (required)
     c.dataset_dir = ""        # "" = the pretraining run's dataset
     c.split = "test"
+    c.step = 0                # checkpoint step to evaluate; 0 = the latest
     c.tasks = ("density", "birads")  # any of birads, density, cancer
     c.prefix = "official"
     c.aggregate = "image"

@@ -18,7 +18,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # config.mode -> "module:function"; each job is run(cfg, workdir) -> dict of results.
 JOBS = {
-    "pretrain": "mama_jax.train:train",
+    "pretrain": "mama_jax.evaluate.during_training:pretrain",  # train.train + validation zero-shot
     "extract": "mama_jax.evaluate.extract:run",
     "zeroshot": "mama_jax.evaluate.zeroshot:run",
     "linear_probe": "mama_jax.evaluate.linear_probe:run",

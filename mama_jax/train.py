@@ -164,8 +164,15 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def train(cfg, workdir: str) -> dict:
-    """Run (or resume) pretraining in workdir; returns the last logged metrics."""
+def train(cfg, workdir: str, *, evaluate=None) -> dict:
+    """Run (or resume) pretraining in workdir; returns the last logged metrics.
+
+    evaluate: optional callable (run, step) -> {name: scalar}, called on every process
+    every train.eval_every steps with the live state (mama_jax/evaluate/during_training.py
+    passes validation zero-shot); its values join that step's log line with its cost in
+    seconds (eval_s). This module knows nothing of what it measures.
+    """
+    started = time.perf_counter()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
@@ -190,6 +197,8 @@ def train(cfg, workdir: str) -> dict:
     base_key = jax.random.key(cfg.seed + 1)
     writer = metrics.MetricsWriter(workdir)
     steps, log_every = cfg.train.steps, cfg.train.log_every
+    eval_every = cfg.train.get("eval_every", 0) if evaluate is not None else 0
+    eval_seconds = 0.0
     last: dict = {}
     window = _Window()
 
@@ -232,14 +241,27 @@ def train(cfg, workdir: str) -> dict:
                 done = step + 1
                 pending = (done, out, data_wait_s)
                 bar.update()
-                log = done % log_every == 0 or done == steps
                 keep = done % cfg.train.checkpoint_every == 0 or done == steps
                 stopping = sharding.any_process(stop.signal is not None)
+                # Not when stopping: a SIGTERM's grace period is for the checkpoint.
+                evaluating = bool(eval_every) and done % eval_every == 0 and not stopping
+                # An evaluated step gets a log line too: its scores sit beside the losses.
+                log = done % log_every == 0 or done == steps or evaluating
                 if log or keep or stopping:
                     values = check(*pending)  # a bad step never reaches a log line or checkpoint
                     pending = None
+                scores = {}
+                if evaluating:  # every process computes; the writer writes on process 0 only
+                    t_eval = time.perf_counter()
+                    scores = dict(evaluate(run, done) or {})
+                    scores["eval_s"] = time.perf_counter() - t_eval
+                    eval_seconds += scores["eval_s"]
+                    clock = time.perf_counter()  # samples_per_s counts training time only
+                    if proc == 0:
+                        bar.write(f"step {done} eval ({scores['eval_s']:.1f} s): " + ", ".join(
+                            f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_s"))
                 if log:
-                    last = window.flush()
+                    last = {**window.flush(), **scores}
                     writer.write(done, last)
                     bar.set_postfix(loss=f"{last['total']:.4f}", w=f"{values['w']:.0f}")
                 if keep:
@@ -253,6 +275,10 @@ def train(cfg, workdir: str) -> dict:
         bar.close()
         writer.close()
         ckpt.close()
+    if eval_seconds and proc == 0:
+        total = time.perf_counter() - started
+        print(f"pretrain: evaluation took {eval_seconds:.1f} s of the run's {total:.1f} s "
+              f"({100 * eval_seconds / total:.1f} %)", flush=True)
     return last
 
 

@@ -114,20 +114,26 @@ def record_fields(source, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- embeddings
 
-def image_embedder(model):
-    """Jitted images [B, S, S, 3] -> (e_I(x) [B, d] fp32, g(x) [B, Dv] fp32).
+def image_embed_fn(graphdef):
+    """Jitted (state, images [B, S, S, 3]) -> (e_I(x) [B, d] fp32, g(x) [B, Dv] fp32).
 
     The state is an argument, not a closure constant, so XLA does not fold the weights
-    into the program.
+    into the program, and one compiled program serves every new state (pretraining's
+    live evaluation).
     """
-    graphdef, state = nnx.split(model)
-
     @jax.jit
     def embed(state, images):
         m = nnx.merge(graphdef, state)
         pooled, _ = m.image_features(images)
         return m.img_global(pooled).astype(jnp.float32), pooled.astype(jnp.float32)
 
+    return embed
+
+
+def image_embedder(model):
+    """Jitted images [B, S, S, 3] -> (e_I(x) [B, d] fp32, g(x) [B, Dv] fp32)."""
+    graphdef, state = nnx.split(model)
+    embed = image_embed_fn(graphdef)
     return lambda images: embed(state, images)
 
 

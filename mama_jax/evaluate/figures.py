@@ -101,4 +101,40 @@ def loss_png(rows: dict[int, dict], path: str) -> str | None:
     return path
 
 
+VAL_ZS_PREFIX = "val_zs/"  # pretraining's validation zero-shot keys: val_zs/<task>/<metric>
+VAL_ZS_METRICS = (("bacc", "balanced accuracy"), ("auc", "AUC"))
+
+
+def val_zeroshot_series(rows: dict[int, dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{metric: {task: [(step, value), ...]}} of the val_zs/<task>/<metric> keys logged."""
+    series: dict[str, dict[str, list]] = {}
+    for step in sorted(rows):
+        for key, value in rows[step].items():
+            parts = key.split("/")
+            if key.startswith(VAL_ZS_PREFIX) and len(parts) == 3 and _finite(value):
+                series.setdefault(parts[2], {}).setdefault(parts[1], []).append((step, value))
+    return series
+
+
+def val_zeroshot_png(rows: dict[int, dict], path: str) -> str | None:
+    """bACC and AUC of each task on the validation split against the pretraining step;
+    None when the run logged none."""
+    series = val_zeroshot_series(rows)
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(VAL_ZS_METRICS), figsize=(10, 4), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], VAL_ZS_METRICS):
+        for task, points in sorted(series.get(metric, {}).items()):
+            ax.plot(*zip(*[(s, 100 * v) for s, v in points]), marker="o", label=task)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{label} (%)")
+        ax.set_title(f"validation zero-shot {label}")
+        if series.get(metric):
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- sections

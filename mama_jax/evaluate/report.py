@@ -25,7 +25,8 @@ import numpy as np
 
 from mama_jax import captions
 from mama_jax import metrics as metrics_file
-from mama_jax.evaluate.figures import LOSS_TERMS, confusion_png, loss_png, roc_png
+from mama_jax.evaluate.figures import (LOSS_TERMS, confusion_png, loss_png, roc_png,
+                                       val_zeroshot_png, val_zeroshot_series)
 
 REPORT_MD = "report.md"
 FIG_DIR = "report"
@@ -323,6 +324,29 @@ def _maps_section(maps_json: dict | None, workdir: str) -> list[str]:
     return out + [""]
 
 
+def _last_val_zeroshot(series: dict) -> str:
+    """"Step S: density bACC / AUC, ..." of the last evaluated step of each task."""
+    parts = []
+    for task, points in sorted(series.get("bacc", {}).items()):
+        step, bacc = points[-1]
+        auc = dict(series.get("auc", {}).get(task, [])).get(step)
+        parts.append(f"{task} {pct(bacc)} / {pct(auc)} (step {step})")
+    return "; ".join(parts)
+
+
+def _val_zeroshot_section(rows: dict, workdir: str, fig_dir: str) -> tuple[list[str], str | None]:
+    """(lines, figure) of pretraining's validation zero-shot curves, or a "not run" line."""
+    path = val_zeroshot_png(rows, os.path.join(fig_dir, "val_zeroshot.png")) if rows else None
+    if not path:
+        return [f"Validation zero-shot during pretraining: {NOT_RUN} (no val_zs/ keys in "
+                "metrics.jsonl; set train.eval_every).", ""], None
+    return ["Zero-shot bACC / AUC (%) on the validation split, computed while pretraining ran "
+            "with the live model every train.eval_every steps (the zero-shot job's prompts and "
+            "rules; keys val_zs/<task>/<metric> in metrics.jsonl and TensorBoard).", "",
+            f"![validation zero-shot]({_rel(path, workdir)})", "",
+            f"Last: {_last_val_zeroshot(val_zeroshot_series(rows))}.", ""], path
+
+
 # ----------------------------------------------------------------------------- job
 
 def run(cfg, workdir: str) -> dict:
@@ -358,8 +382,8 @@ def run(cfg, workdir: str) -> dict:
                   f"Fine-tune: {NOT_RUN}.", ""]
     lines += _figures(zs_json, zs, lp, workdir, fig_dir)
 
-    lines += ["## Pretraining losses", ""]
-    loss_path = None
+    lines += ["## Pretraining losses and validation zero-shot", ""]
+    loss_path, rows = None, {}
     if metrics_path:
         rows = read_metrics_jsonl(metrics_path)
         loss_path = loss_png(rows, os.path.join(fig_dir, "losses.png")) if rows else None
@@ -370,6 +394,8 @@ def run(cfg, workdir: str) -> dict:
                       f"Step {max(rows)}: {terms}.", ""]
     if not loss_path:
         lines += [f"Loss curves: {NOT_RUN} (no metrics.jsonl with loss terms found).", ""]
+    val_lines, val_path = _val_zeroshot_section(rows, workdir, fig_dir)
+    lines += val_lines
     lines += _maps_section(maps_json, workdir)
 
     path = os.path.join(workdir, REPORT_MD)
@@ -379,4 +405,5 @@ def run(cfg, workdir: str) -> dict:
     return {"report": path, "zeroshot_tasks": len(zs), "linear_probe_tasks": len(lp),
             "finetune_tasks": len(fft),
             "maps": len((maps_json or {}).get("maps", [])), "loss_curves": int(loss_path is not None),
+            "val_zeroshot_curves": int(val_path is not None),
             "figures": len(figures)}

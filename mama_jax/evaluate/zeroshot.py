@@ -63,28 +63,40 @@ def prompt_groups(task: str, records: list[dict], prefix: str) -> tuple[list[tup
     return list(sets), group
 
 
-def text_embedder(model):
-    """Jitted (input_ids, attention_mask) -> L2-normalised text embeddings [B, d]."""
-    graphdef, state = nnx.split(model)
+def text_embed_fn(graphdef, out_shardings=None):
+    """Jitted (state, input_ids, attention_mask) -> L2-normalised text embeddings [B, d].
 
-    @jax.jit
+    Built once per model structure and called with each new state (pretraining's live
+    evaluation), so a changed state does not compile again.
+    """
     def embed(state, ids, mask):
         return losses.l2_normalize(nnx.merge(graphdef, state).encode_texts(ids, mask))
 
+    return jax.jit(embed, out_shardings=out_shardings)
+
+
+def text_embedder(model):
+    """Jitted (input_ids, attention_mask) -> L2-normalised text embeddings [B, d]."""
+    graphdef, state = nnx.split(model)
+    embed = text_embed_fn(graphdef)
     return lambda ids, mask: embed(state, ids, mask)
 
 
 def encode_prompts(model, tok, texts: list[str], max_length: int, batch_size: int,
-                   cache: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], int]:
+                   cache: dict[str, np.ndarray] | None = None, *, embed=None,
+                   progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
     """Normalised embedding of every distinct text (each encoded once; `cache` is reused
-    across tasks); also how many of the new texts were truncated to max_length."""
+    across tasks); also how many of the new texts were truncated to max_length.
+    `embed`: (ids, mask) -> embeddings to use instead of `model`'s own jitted encoder
+    (pretraining passes one that runs on its mesh)."""
     cache = {} if cache is None else cache
     todo = list(dict.fromkeys(t for t in texts if t not in cache))
     if not todo:
         return cache, 0
     enc = encode_captions(tok, todo, max_length)
-    embed = text_embedder(model)
-    for lo in tqdm(range(0, len(todo), batch_size), desc="encode prompts", unit="batch"):
+    embed = embed or text_embedder(model)
+    for lo in tqdm(range(0, len(todo), batch_size), desc="encode prompts", unit="batch",
+                   disable=not progress):
         ids, mask = enc.input_ids[lo:lo + batch_size], enc.attention_mask[lo:lo + batch_size]
         n = len(ids)
         if n < batch_size:  # pad with copies of the first row: one compiled shape
@@ -175,13 +187,23 @@ def prompt_max_length(cfg, pretrain_cfg, model) -> int:
     return max_length
 
 
+def training_logit_scale(logit_scale: float, pretrain_cfg) -> float:
+    """The scale training used: the parameter clamped at loss.max_log_scale (it may drift
+    above the clamp)."""
+    cap = pretrain_cfg.loss.get("max_log_scale", 0.0)
+    return min(logit_scale, cap) if cap else logit_scale
+
+
 def evaluate_task(task: str, labels: np.ndarray, arrays: dict, records: list[dict], model, tok,
-                  cfg, max_length: int, logit_scale: float, cache: dict) -> tuple[dict, dict]:
-    """(result entry, per-image arrays) of one task on the extracted split."""
+                  cfg, max_length: int, logit_scale: float, cache: dict, *,
+                  text_embed=None, progress: bool = True) -> tuple[dict, dict]:
+    """(result entry, per-image arrays) of one task on the extracted split; `text_embed`
+    and `progress` as in encode_prompts."""
     known = np.flatnonzero(labels >= 0)
     sets, group = prompt_groups(task, [records[i] for i in known], cfg.prefix)
     cache, truncated = encode_prompts(model, tok, [t for s in sets for t in s], max_length,
-                                      cfg.batch_size, cache)
+                                      cfg.batch_size, cache, embed=text_embed,
+                                      progress=progress)
     text_emb = np.stack([np.stack([cache[t] for t in s]) for s in sets]).astype(np.float32)
     scores, probs = zero_shot_probs(arrays["image_emb"][known], text_emb, group, logit_scale,
                                     cfg.double_softmax)
@@ -216,7 +238,7 @@ def run(cfg, workdir: str) -> dict:
     fields = extract.record_fields(source, captions.RECORD_KEYS + ("cancer",))
     labels = {task: task_labels(fields, task, where) for task in tasks}  # fail before any compute
 
-    model, tok, step = restore.restore_model(cfg.pretrain_workdir)
+    model, tok, step = restore.restore_model(cfg.pretrain_workdir, step=cfg.get("step", 0) or None)
     pretrain_cfg = restore.load_pretrain_config(cfg.pretrain_workdir)
     max_length = prompt_max_length(cfg, pretrain_cfg, model)
     arrays = extract.extract_split(model, tok, data_cfg, cfg.split, cfg.batch_size, source=source)
@@ -224,10 +246,7 @@ def run(cfg, workdir: str) -> dict:
         if not np.array_equal(arrays[task], labels[task]):
             raise RuntimeError(f"{where}: {task} labels of the eval batches disagree with the records")
     records = [{k: fields[k][i] for k in captions.RECORD_KEYS} for i in range(len(source))]
-    logit_scale = float(np.asarray(model.logit_scale[...]))
-    cap = restore.load_pretrain_config(cfg.pretrain_workdir).loss.get("max_log_scale", 0.0)
-    if cap:  # the scale training used (the parameter may drift above the clamp)
-        logit_scale = min(logit_scale, cap)
+    logit_scale = training_logit_scale(float(np.asarray(model.logit_scale[...])), pretrain_cfg)
 
     os.makedirs(workdir, exist_ok=True)
     result = {"step": int(step), "split": cfg.split, "dataset_dir": data_cfg.dataset_dir,
