@@ -185,3 +185,35 @@ def test_aggregate_means_probabilities_and_takes_the_max_label():
     np.testing.assert_allclose(p, [[0.6, 0.4], [0.1, 0.9]], atol=1e-6)
     np.testing.assert_array_equal(y, [1, 0])
     assert zeroshot.group_keys({}, "image") is None
+
+
+def test_zero_shot_also_scores_the_flagged_test_subset(pretrained_workdir, monkeypatch, tmp_path):
+    """Where records flag the paper's class-stratified test subset, zero-shot scores it
+    beside the whole split: its metrics are those of the flagged images' own probabilities."""
+    real = extract.extract_split
+
+    def half_flagged(*args, **kwargs):
+        arrays = real(*args, **kwargs)
+        for task in ("density", "birads"):
+            flags = np.zeros_like(arrays[f"in_{task}_test_subset"])
+            flags[::2] = 1  # a strict subset: every other image
+            arrays[f"in_{task}_test_subset"] = flags
+        return arrays
+
+    monkeypatch.setattr(extract, "extract_split", half_flagged)
+    cfg = zeroshot_config.get_config()
+    cfg.update(dict(pretrain_workdir=pretrained_workdir, split="test", tasks=("density", "birads"),
+                    bootstrap=0, batch_size=16, max_length=128))
+    result = zeroshot.run(cfg, str(tmp_path))
+    for task in ("density", "birads"):
+        entry = result["tasks"][task]
+        with np.load(os.path.join(tmp_path, f"zeroshot_{task}_test.npz")) as z:
+            probs, labels, index = z["probs"], z["label"], z["index"]
+        inside = index % 2 == 0  # the extracted arrays are in record order
+        want = metrics.summary(labels[inside], probs[inside],
+                               class_names=list(captions.CLASS_NAMES[task]))
+        got = entry["subsets"]["test_subset"]
+        assert got["n"] == int(inside.sum()) < entry["n"]
+        assert got["metrics"]["balanced_accuracy"] == pytest.approx(want["balanced_accuracy"])
+    with open(os.path.join(tmp_path, "zeroshot.json")) as f:
+        assert "test_subset" in json.load(f)["tasks"]["density"]["subsets"]

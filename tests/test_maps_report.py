@@ -260,7 +260,9 @@ def _write_results(workdir):
     cm = [[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
     zs = {"step": 600, "split": "test", "prefix": "official", "aggregate": "image", "tasks": {
         "density": {"metrics": _summary(0.7512, 0.93456, cm, names), "n": 6,
-                    "ci": {"balanced_accuracy": [0.6, 0.88], "auc": [0.9, None]}}}}
+                    "ci": {"balanced_accuracy": [0.6, 0.88], "auc": [0.9, None]},
+                    "subsets": {"test_subset": {"metrics": _summary(0.8, 0.95, cm, names),
+                                                "n": 4, "ci": {}}}}}}
     # linear_probe.json layout: per fraction an "eval" dict of metrics.summary + "ci95".
     lp = {"tasks": {"density": {"fractions": {
         "0.01": {"eval": {"test": {**_summary(0.5, 0.81234, cm, names),
@@ -304,9 +306,11 @@ def test_report_tables_and_figures(tmp_path):
     result = report.run(report_config.get_config(), workdir)
     with open(os.path.join(workdir, "report.md")) as f:
         md = f.read()
-    # Table 2 layout: ZS, LP 1 %, 10 %, 100 %, FFT as "bACC [CI] / AUC [CI]" in %.
-    assert "| MaMA (this run) | 75.12 [60.00, 88.00] / 93.46 | 50.00 [41.00, 59.00] / 81.23 | " \
-           "not run | 62.50 / 90.00 | 70.00 [65.00, 75.00] / 91.00 |" in md
+    # Table 2 layout: ZS, LP 1 %, 10 %, 100 %, FFT as "bACC [CI] / AUC [CI]" in %; the
+    # paper's test subset first where flagged, then the whole test split.
+    assert "| MaMA (this run), test subset | 80.00 / 95.00 | not run | not run | 60.00 / 88.00 | " \
+           "not run |\n| MaMA (this run), whole test split | 75.12 [60.00, 88.00] / 93.46 | " \
+           "50.00 [41.00, 59.00] / 81.23 | not run | 62.50 / 90.00 | 70.00 [65.00, 75.00] / 91.00 |" in md
     assert "| MaMA (paper) | 75.40 / 93.46 | 76.26 / 93.11 | 78.11 / 93.62 | 78.09 / 93.65 | " \
            "78.02 / 93.65 |" in md
     assert "- finetune_<task>.json: tasks density" in md

@@ -194,6 +194,18 @@ def training_logit_scale(logit_scale: float, pretrain_cfg) -> float:
     return min(logit_scale, cap) if cap else logit_scale
 
 
+def _scored(task: str, probs: np.ndarray, labels: np.ndarray, keys, cfg) -> dict:
+    """metrics, n and bootstrap intervals of per-image probabilities, aggregated as configured."""
+    probs_eval, labels_eval, _ = aggregate(probs, labels, keys)
+    summary = metrics.summary(labels_eval, probs_eval, class_names=list(captions.CLASS_NAMES[task]))
+    ci = {}
+    if cfg.bootstrap:
+        for name in CI_METRICS:
+            ci[name] = list(metrics.bootstrap_ci(labels_eval, probs_eval, name,
+                                                 n_boot=cfg.bootstrap, seed=cfg.seed))
+    return {"metrics": summary, "n": int(len(labels_eval)), "ci": ci}
+
+
 def evaluate_task(task: str, labels: np.ndarray, arrays: dict, records: list[dict], model, tok,
                   cfg, max_length: int, logit_scale: float, cache: dict, *,
                   text_embed=None, progress: bool = True) -> tuple[dict, dict]:
@@ -208,20 +220,21 @@ def evaluate_task(task: str, labels: np.ndarray, arrays: dict, records: list[dic
     scores, probs = zero_shot_probs(arrays["image_emb"][known], text_emb, group, logit_scale,
                                     cfg.double_softmax)
     keys = group_keys({k: arrays[k][known] for k in ("study_id", "laterality")}, cfg.aggregate)
-    probs_eval, labels_eval, _ = aggregate(probs, labels[known], keys)
-    summary = metrics.summary(labels_eval, probs_eval, class_names=list(captions.CLASS_NAMES[task]))
-    ci = {}
-    if cfg.bootstrap:
-        for name in CI_METRICS:
-            ci[name] = list(metrics.bootstrap_ci(labels_eval, probs_eval, name,
-                                                 n_boot=cfg.bootstrap, seed=cfg.seed))
     first = int(known[0])
     entry = {
-        "metrics": summary, "n": int(len(labels_eval)), "n_images": int(len(known)),
-        "n_unknown_label": int(len(labels) - len(known)), "ci": ci,
+        **_scored(task, probs, labels[known], keys, cfg), "n_images": int(len(known)),
+        "n_unknown_label": int(len(labels) - len(known)),
         "n_prompt_sets": len(sets), "truncated_prompts": truncated,
         "example": {"image_id": str(arrays["image_id"][first]), "prompts": list(sets[group[0]])},
     }
+    # The paper's class-stratified test subset (§4.2), where the dataset flags one: the
+    # numbers comparable to its Tables 1-2 (macro AUC depends on the class mix).
+    flags = arrays.get(f"in_{task}_test_subset")
+    if flags is not None and np.any(flags[known] > 0):
+        inside = flags[known] > 0
+        entry["subsets"] = {"test_subset": _scored(
+            task, probs[inside], labels[known][inside],
+            None if keys is None else keys[inside], cfg)}
     per_image = {"index": arrays["index"][known], "image_id": arrays["image_id"][known],
                  "label": labels[known], "scores": scores.astype(np.float32),
                  "probs": probs.astype(np.float32)}
