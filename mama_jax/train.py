@@ -4,34 +4,27 @@ The step takes the trainable parameters, the rest of the model state (frozen
 weights, BatchNorm statistics), the optimiser state and a global batch; it
 returns them updated plus the loss terms. One step is one optimizer update on
 one global batch, whether it runs in one pass or in train.micro_batches
-(grad_cache: the same loss and gradients); every step count counts updates. The loop feeds it from Grain, logs,
-checkpoints every N steps, on SIGTERM/SIGINT and at the end, resumes from the
-latest checkpoint, and stops on a non-finite loss without saving it.
+(grad_cache: the same loss and gradients); every step count counts updates. train()
+feeds it from Grain through the one loop (mama_jax/loop.py: cadence, deferred reads,
+the non-finite stop, signals) and resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
-import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from tqdm import tqdm
 
-from mama_jax import (checkpoint, data, factory, grad_cache, losses, metrics, optim, run_model,
-                      sharding, train_state)
+from mama_jax import (checkpoint, data, factory, grad_cache, loop, losses, metrics, optim,
+                      run_model, sharding, train_state)
 from mama_jax.models import mama
 
 STEP_INPUTS = ("view1", "view2", "input_ids", "attention_mask")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
 def late_start_groups(cfg) -> list[tuple[tuple[str, ...], int]]:
@@ -120,50 +113,6 @@ class Run(train_state.ShardedState):
         return out
 
 
-class _Window:
-    """Means of the step metrics since the last log line, plus throughput."""
-
-    def __init__(self):
-        self.sums, self.steps, self.samples, self.seconds, self.data_seconds = {}, 0, 0, 0.0, 0.0
-
-    def add(self, values: dict, samples: int, seconds: float, data_seconds: float) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.last_lr = values.get("lr")
-        self.steps += 1
-        self.samples += samples
-        self.seconds += seconds
-        self.data_seconds += data_seconds
-
-    def flush(self, **extra) -> dict:
-        out = {k: v / self.steps for k, v in self.sums.items()}
-        out["lr"] = self.last_lr  # the schedule at the window's last step, not a mean
-        out.update(extra, samples_per_s=self.samples / max(self.seconds, 1e-9),
-                   data_wait_s=self.data_seconds / self.steps)
-        self.__init__()
-        return out
-
-
-class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves and exits after the current step."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def train(cfg, workdir: str, *, evaluate=None) -> dict:
     """Run (or resume) pretraining in workdir; returns the last logged metrics.
 
@@ -196,90 +145,34 @@ def train(cfg, workdir: str, *, evaluate=None) -> dict:
             print(f"pretrain: resumed from step {start} ({ckpt.directory})", flush=True)
     base_key = jax.random.key(cfg.seed + 1)
     writer = metrics.MetricsWriter(workdir)
-    steps, log_every = cfg.train.steps, cfg.train.log_every
-    eval_every = cfg.train.get("eval_every", 0) if evaluate is not None else 0
-    eval_seconds = 0.0
-    last: dict = {}
-    window = _Window()
 
-    def save(step):
-        run.save(ckpt, step, iterator)
+    def first_batch(global_batch):
+        run.compile(global_batch)
+        sharding.barrier("compiled")  # hosts enter the first collective together
 
-    def check(done, out, data_wait_s):
-        """Read a finished step's scalars (waits for that step only) and stop on a bad loss."""
-        nonlocal clock
-        values = sharding.local_scalars(out)
-        if not math.isfinite(values["total"]):
-            raise NonFiniteLossError(
-                f"step {done}: loss is {values['total']} (terms: {values}); stopped without "
-                f"saving, the last good checkpoint in {ckpt.directory} is step {ckpt.latest_step()}")
-        now = time.perf_counter()
-        window.add(values, cfg.data.global_batch_size, now - clock, data_wait_s)
-        clock = now
-        return values
-
-    bar = tqdm(total=steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
-               disable=proc != 0)
-    clock = time.perf_counter()
-    pending = None  # (step number, outputs, data wait) of the step dispatched last, unread
+    job = loop.Job(
+        name="pretrain",
+        next_batch=lambda: sharding.shard_batch(
+            {k: v for k, v in next(iterator).items() if k in STEP_INPUTS}, mesh),
+        step=lambda batch, step: run.step(batch, step, jax.random.fold_in(base_key, step)),
+        save=lambda done: run.save(ckpt, done, iterator),
+        latest_checkpoint=lambda: f"step {ckpt.latest_step()} in {ckpt.directory}",
+        writer=writer, samples_per_step=cfg.data.global_batch_size, first_batch=first_batch,
+        evaluate=None if evaluate is None else (lambda done: evaluate(run, done)),
+        postfix=lambda values: {"w": f"{values['w']:.0f}"})
+    cadence = loop.Cadence(steps=cfg.train.steps, log_every=cfg.train.log_every,
+                           checkpoint_every=cfg.train.checkpoint_every,
+                           eval_every=cfg.train.get("eval_every", 0))
     try:
-        with StopFlag() as stop:
-            for step in range(start, steps):
-                t0 = time.perf_counter()
-                batch = next(iterator)
-                data_wait_s = time.perf_counter() - t0
-                global_batch = sharding.shard_batch({k: batch[k] for k in STEP_INPUTS}, mesh)
-                if step == start:
-                    run.compile(global_batch)
-                    sharding.barrier("compiled")  # hosts enter the first collective together
-                out = run.step(global_batch, step, jax.random.fold_in(base_key, step))
-                # The previous step's scalars are read only now, with this step already
-                # queued: the device runs one step while the host fetches and copies the
-                # next batch, instead of waiting for the host after every step.
-                if pending is not None:
-                    check(*pending)
-                done = step + 1
-                pending = (done, out, data_wait_s)
-                bar.update()
-                keep = done % cfg.train.checkpoint_every == 0 or done == steps
-                stopping = sharding.any_process(stop.signal is not None)
-                # Not when stopping: a SIGTERM's grace period is for the checkpoint.
-                evaluating = bool(eval_every) and done % eval_every == 0 and not stopping
-                # An evaluated step gets a log line too: its scores sit beside the losses.
-                log = done % log_every == 0 or done == steps or evaluating
-                if log or keep or stopping:
-                    values = check(*pending)  # a bad step never reaches a log line or checkpoint
-                    pending = None
-                scores = {}
-                if evaluating:  # every process computes; the writer writes on process 0 only
-                    t_eval = time.perf_counter()
-                    scores = dict(evaluate(run, done) or {})
-                    scores["eval_s"] = time.perf_counter() - t_eval
-                    eval_seconds += scores["eval_s"]
-                    clock = time.perf_counter()  # samples_per_s counts training time only
-                    if proc == 0:
-                        bar.write(f"step {done} eval ({scores['eval_s']:.1f} s): " + ", ".join(
-                            f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_s"))
-                if log:
-                    last = {**window.flush(), **scores}
-                    writer.write(done, last)
-                    bar.set_postfix(loss=f"{last['total']:.4f}", w=f"{values['w']:.0f}")
-                if keep:
-                    save(done)
-                if stopping:
-                    if done % cfg.train.checkpoint_every and done != steps:
-                        save(done)
-                    bar.write(f"{stop.signal or 'stop on another process'}: saved step {done}, exiting")
-                    break
+        outcome = loop.run(job, cadence, start)
     finally:
-        bar.close()
         writer.close()
         ckpt.close()
-    if eval_seconds and proc == 0:
+    if outcome.eval_seconds and proc == 0:
         total = time.perf_counter() - started
-        print(f"pretrain: evaluation took {eval_seconds:.1f} s of the run's {total:.1f} s "
-              f"({100 * eval_seconds / total:.1f} %)", flush=True)
-    return last
+        print(f"pretrain: evaluation took {outcome.eval_seconds:.1f} s of the run's {total:.1f} s "
+              f"({100 * outcome.eval_seconds / total:.1f} %)", flush=True)
+    return outcome.last
 
 
 def per_step_losses(workdir: str) -> dict[int, float]:

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import finetune as finetune_config
-from mama_jax import checkpoint, data, factory, metrics as run_metrics, train
+from mama_jax import checkpoint, data, factory, loop, metrics as run_metrics
 from mama_jax.evaluate import balanced_sampler, finetune, finetune_model, restore
 
 
@@ -168,7 +168,7 @@ def test_sigterm_nan_stop_then_resume_reproduce_the_straight_run(straight, pretr
         return dict(out, loss=out["loss"] * np.nan)
 
     monkeypatch.setattr(finetune_model.State, "step", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match="step 3: loss is nan"):
+    with pytest.raises(loop.NonFiniteLossError, match="step 3: loss is nan"):
         finetune.run(_config(pretrained_workdir, checkpoint_every=1), workdir)
     assert checkpoint.Checkpointer(ckpt_dir).latest_step() == 2  # the bad step is not saved
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from mama_jax import checkpoint, data, factory, metrics, optim, sharding, train
+from mama_jax import checkpoint, data, factory, loop, metrics, optim, sharding, train
 from mama_jax.models import mama
 from tests import tolerances
 
@@ -201,7 +201,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, 
 
     monkeypatch.setattr(train.Run, "step", poisoned)
     cfg = _config(tiny_dataset, checkpoint_every=checkpoint_every, log_every=100)
-    with pytest.raises(train.NonFiniteLossError, match="step 3: loss is nan"):
+    with pytest.raises(loop.NonFiniteLossError, match="step 3: loss is nan"):
         train.train(cfg, str(tmp_path))
     assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == last_good
 

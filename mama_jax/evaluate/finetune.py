@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 
 import jax
@@ -28,7 +27,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax import captions, checkpoint, data, factory, metrics as run_metrics, sharding, train
+from mama_jax import captions, checkpoint, data, factory, loop, metrics as run_metrics, sharding
 from mama_jax.evaluate import (balanced_sampler, extract, finetune_model, metrics, restore,
                                zeroshot)
 
@@ -130,43 +129,24 @@ def _inputs(cfg):
 
 
 def _train(cfg, state, ckpt, batches, mesh, folder: str, start: int) -> str | None:
-    """Steps start .. cfg.steps-1; returns the signal's name if one stopped the run."""
+    """Steps start .. cfg.steps-1 through the one loop; the signal's name if one stopped it."""
     lr_at = finetune_model.lr_schedule(cfg.optim, cfg.steps)
+
+    def step(batch, step):
+        return dict(state.step(batch["image"], batch["label"]), lr=jnp.asarray(lr_at(step)))
+
     writer = run_metrics.MetricsWriter(folder)
-    window: list[dict] = []
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"finetune {cfg.task}", unit="step",
-               disable=jax.process_index() != 0)
+    job = loop.Job(
+        name=f"finetune {cfg.task}", next_batch=lambda: sharding.shard_batch(next(batches), mesh),
+        step=step, save=lambda done: state.save(ckpt, done),
+        latest_checkpoint=lambda: f"step {ckpt.latest_step()} in {ckpt.directory}",
+        writer=writer, samples_per_step=int(cfg.batch_size), loss_key="loss")
     try:
-        with train.StopFlag() as stop:
-            for step in range(start, cfg.steps):
-                batch = sharding.shard_batch(next(batches), mesh)
-                out = state.step(batch["image"], batch["label"])
-                # Scalars only; the sync means a bad step never reaches a checkpoint.
-                values = sharding.local_scalars(out)
-                if not math.isfinite(values["loss"]):
-                    raise train.NonFiniteLossError(
-                        f"finetune {cfg.task} step {step + 1}: loss is {values['loss']}; stopped "
-                        f"without saving, the last good checkpoint in {ckpt.directory} is step "
-                        f"{ckpt.latest_step()}")
-                window.append(values)
-                done = step + 1
-                bar.update()
-                if done % cfg.log_every == 0 or done == cfg.steps:  # means since the last line
-                    means = {k: float(np.mean([w[k] for w in window])) for k in values}
-                    writer.write(done, dict(means, lr=float(lr_at(step))))
-                    bar.set_postfix(loss=f"{means['loss']:.4f}")
-                    window = []
-                stopping = sharding.any_process(stop.signal is not None)  # all hosts save together
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
-                    state.save(ckpt, done)
-                if stopping:
-                    bar.write(f"{stop.signal or 'stop on another process'}: saved step {done}, "
-                              "exiting before the test")
-                    return stop.signal or "stop on another process"
+        outcome = loop.run(job, loop.Cadence(steps=cfg.steps, log_every=cfg.log_every,
+                                             checkpoint_every=cfg.checkpoint_every), start)
     finally:
-        bar.close()
         writer.close()
-    return None
+    return outcome.stopped
 
 
 def _latest_pretrain_step(pretrain_workdir: str) -> int:

@@ -1,0 +1,182 @@
+"""The one training loop: pretraining and fine-tuning each supply a step and their batches.
+
+It owns what both jobs need: the step's scalars are read only once the next step is queued
+(the device never waits for the host), a non-finite loss stops the run before any log line
+or checkpoint of that step, log / checkpoint / evaluation cadence, SIGTERM and SIGINT (every
+host stops and saves together), throughput and the progress bar. Resuming is the job's: it
+restores its state and passes `start`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+from tqdm import tqdm
+
+from mama_jax import sharding
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop saves and exits after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _Window:
+    """Means of the step metrics since the last log line, plus throughput."""
+
+    def __init__(self):
+        self.sums, self.steps, self.samples, self.seconds, self.data_seconds = {}, 0, 0, 0.0, 0.0
+        self.last_lr = None
+
+    def add(self, values: dict, samples: int, seconds: float, data_seconds: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.last_lr = values.get("lr")
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+
+    def flush(self) -> dict:
+        out = {k: v / self.steps for k, v in self.sums.items()}
+        if self.last_lr is not None:
+            out["lr"] = self.last_lr  # the schedule at the window's last step, not a mean
+        out.update(samples_per_s=self.samples / max(self.seconds, 1e-9),
+                   data_wait_s=self.data_seconds / self.steps)
+        self.__init__()
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """Every count is in optimizer steps."""
+    steps: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int = 0
+
+
+@dataclasses.dataclass
+class Outcome:
+    last: dict = dataclasses.field(default_factory=dict)  # the last logged values
+    stopped: str | None = None  # the signal that stopped the run, if one did
+    eval_seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Job:
+    """What a job supplies. step(batch, step) returns replicated device scalars, loss_key
+    among them; save(done) checkpoints after `done` steps; evaluate(done) returns scores."""
+    name: str
+    next_batch: Callable[[], Any]
+    step: Callable[[Any, int], dict]
+    save: Callable[[int], None]
+    latest_checkpoint: Callable[[], Any]  # for the non-finite message
+    writer: Any  # metrics.MetricsWriter
+    samples_per_step: int
+    loss_key: str = "total"
+    first_batch: Callable[[Any], None] | None = None  # e.g. compile, then meet the other hosts
+    evaluate: Callable[[int], dict] | None = None
+    postfix: Callable[[dict], dict] | None = None
+
+
+def run(job: Job, cadence: Cadence, start: int) -> Outcome:
+    """Steps start .. cadence.steps - 1 of `job`."""
+    outcome, window = Outcome(), _Window()
+    proc = jax.process_index()
+    clock = time.perf_counter()
+
+    def check(done, out, data_wait_s):
+        """Read a finished step's scalars (waits for that step only); stop on a bad loss."""
+        nonlocal clock
+        values = sharding.local_scalars(out)
+        if not math.isfinite(values[job.loss_key]):
+            raise NonFiniteLossError(
+                f"{job.name} step {done}: loss is {values[job.loss_key]} (terms: {values}); "
+                f"stopped without saving, the last good checkpoint is {job.latest_checkpoint()}")
+        now = time.perf_counter()
+        window.add(values, job.samples_per_step, now - clock, data_wait_s)
+        clock = now
+        return values
+
+    bar = tqdm(total=cadence.steps, initial=start, desc=job.name, unit="step",
+               dynamic_ncols=True, disable=proc != 0)
+    pending = None  # (step number, outputs, data wait) of the step dispatched last, unread
+    try:
+        with StopFlag() as stop:
+            for step in range(start, cadence.steps):
+                t0 = time.perf_counter()
+                batch = job.next_batch()
+                data_wait_s = time.perf_counter() - t0
+                if step == start and job.first_batch is not None:
+                    job.first_batch(batch)
+                out = job.step(batch, step)
+                # The previous step's scalars are read only now, with this step queued: the
+                # device runs one step while the host fetches and copies the next batch.
+                if pending is not None:
+                    check(*pending)
+                done = step + 1
+                pending = (done, out, data_wait_s)
+                bar.update()
+                keep = done % cadence.checkpoint_every == 0 or done == cadence.steps
+                stopping = sharding.any_process(stop.signal is not None)
+                # Not when stopping: a SIGTERM's grace period is for the checkpoint.
+                evaluating = (job.evaluate is not None and cadence.eval_every > 0
+                              and done % cadence.eval_every == 0 and not stopping)
+                log = done % cadence.log_every == 0 or done == cadence.steps or evaluating
+                if log or keep or stopping:
+                    values = check(*pending)  # a bad step never reaches a log line or checkpoint
+                    pending = None
+                scores = _evaluate(job, done, bar) if evaluating else {}
+                if scores:
+                    outcome.eval_seconds += scores["eval_s"]
+                    clock = time.perf_counter()  # samples_per_s counts training time only
+                if log:
+                    outcome.last = {**window.flush(), **scores}
+                    job.writer.write(done, outcome.last)
+                    shown = job.postfix(values) if job.postfix else {}
+                    bar.set_postfix(loss=f"{outcome.last[job.loss_key]:.4f}", **shown)
+                if keep or stopping:
+                    job.save(done)
+                if stopping:
+                    outcome.stopped = stop.signal or "stop on another process"
+                    bar.write(f"{outcome.stopped}: saved step {done}, exiting")
+                    break
+    finally:
+        bar.close()
+    return outcome
+
+
+def _evaluate(job: Job, done: int, bar) -> dict:
+    """Every process computes; only process 0 prints (and writes, through the writer)."""
+    t0 = time.perf_counter()
+    scores = dict(job.evaluate(done) or {})
+    scores["eval_s"] = time.perf_counter() - t0
+    if jax.process_index() == 0:
+        bar.write(f"step {done} eval ({scores['eval_s']:.1f} s): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_s"))
+    return scores
