@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -32,16 +31,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_plan import VocabOnly, paper_config  # noqa: E402
+from activation_memory import nbytes  # noqa: E402
+from memory_model import VocabOnly, paper_config  # noqa: E402
 from train_step import text_layers  # noqa: E402
 
 GIB = 2 ** 30
-
-
-def _bytes(tree) -> int:
-    import jax
-
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def paper_bytes() -> dict:
@@ -56,11 +50,11 @@ def paper_bytes() -> dict:
     model = nnx.eval_shape(lambda: factory.model(cfg, VocabOnly(cfg.model.text)))
     _, trainable, rest = nnx.split(model, mama.trainable_filter(model.cfg), ...)
     tx = optim.make_optimizer(cfg.optim, trainable, late_groups=train.late_start_groups(cfg))
-    opt = _bytes(jax.eval_shape(tx.init, trainable))
+    opt = nbytes(jax.eval_shape(tx.init, trainable))
     changing, frozen = checkpoint.split_frozen(rest)
-    return {"former_step": _bytes(trainable) + _bytes(rest) + opt,
-            "now_step": _bytes(trainable) + _bytes(changing) + opt,
-            "frozen_once": _bytes(frozen)}
+    return {"former_step": nbytes(trainable) + nbytes(rest) + opt,
+            "now_step": nbytes(trainable) + nbytes(changing) + opt,
+            "frozen_once": nbytes(frozen)}
 
 
 def small_config(args):

@@ -1,4 +1,4 @@
-"""benchmarks/memory_plan.py: sizes come from the real model, the activation formula agrees
+"""benchmarks/memory_model.py (printed by memory_plan.py): sizes come from the real model, the activation formula agrees
 with XLA, micro-batches trade tower activations for the cache, and the plan shards the state
 over fsdp when a replicated copy does not fit."""
 
@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import memory_plan as mp  # noqa: E402
+import memory_model as mp  # noqa: E402
 from configs import pretrain  # noqa: E402
 from mama_jax import optim, sharding  # noqa: E402
 from mama_jax.models import mama  # noqa: E402
