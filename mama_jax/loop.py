@@ -100,6 +100,7 @@ class Job:
     samples_per_step: int
     loss_key: str = "total"
     first_batch: Callable[[Any], None] | None = None  # e.g. compile, then meet the other hosts
+    at_log: Callable[[int], dict] | None = None  # host-side values for a log line (e.g. lr)
     evaluate: Callable[[int], dict] | None = None
     postfix: Callable[[dict], dict] | None = None
 
@@ -156,7 +157,8 @@ def run(job: Job, cadence: Cadence, start: int) -> Outcome:
                     outcome.eval_seconds += scores["eval_s"]
                     clock = time.perf_counter()  # samples_per_s counts training time only
                 if log:
-                    outcome.last = {**window.flush(), **scores}
+                    extras = job.at_log(done) if job.at_log else {}
+                    outcome.last = {**window.flush(), **extras, **scores}
                     job.writer.write(done, outcome.last)
                     shown = job.postfix(values) if job.postfix else {}
                     bar.set_postfix(loss=f"{outcome.last[job.loss_key]:.4f}", **shown)

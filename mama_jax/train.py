@@ -126,9 +126,8 @@ def train(cfg, workdir: str, *, evaluate=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     n_proc, proc = jax.process_count(), jax.process_index()
-    if cfg.data.global_batch_size % mesh.size:
-        raise factory.ConfigError(f"config.data.global_batch_size={cfg.data.global_batch_size} "
-                                  f"must divide evenly over the {mesh.size} devices")
+    # Run.create checks this too; here it fails before the model (GBs at paper size) loads.
+    grad_cache.check_micro_batches(cfg.data.global_batch_size, cfg.train.micro_batches, mesh.size)
     data_cfg = factory.data_config(cfg)
     tok = factory.tokenizer(cfg, workdir)
     model = factory.model(cfg, tok, mesh)

@@ -119,11 +119,9 @@ class ValidationZeroShot:
             indices.append(_local(index))
         emb, index = np.concatenate(embs), np.concatenate(indices)
         keep = index >= 0  # padding rows of the last batch
-        emb, index = emb[keep], index[keep]
-        order = np.argsort(index, kind="stable")
-        if not np.array_equal(index[order], np.arange(len(self.source))):
-            raise RuntimeError(f"{SPLIT}: encoded {len(index)} rows for {len(self.source)} records")
-        return emb[order]
+        rows = extract.in_record_order({"image_emb": emb[keep], "index": index[keep]},
+                                       len(self.source), SPLIT)
+        return rows["image_emb"]
 
     def __call__(self, run, step: int) -> dict[str, float]:
         model = run.model()

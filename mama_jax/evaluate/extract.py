@@ -137,6 +137,17 @@ def image_embedder(model):
     return lambda images: embed(state, images)
 
 
+def in_record_order(columns: dict[str, np.ndarray], n: int, split: str) -> dict[str, np.ndarray]:
+    """Columns of encoded rows sorted by their "index"; every one of the n records must be
+    there exactly once (eval batches pad the last batch and split over hosts)."""
+    order = np.argsort(columns["index"], kind="stable")
+    out = {k: v[order] for k, v in columns.items()}
+    if not np.array_equal(out["index"], np.arange(n)):
+        raise RuntimeError(f"split {split!r}: encoded {len(out['index'])} rows for {n} records "
+                           "(some records missing or repeated)")
+    return out
+
+
 def extract_split(model, tok, data_cfg: data.DataConfig, split: str, batch_size: int,
                   *, source=None) -> dict[str, np.ndarray]:
     """Every record of `split`, in record order.
@@ -161,12 +172,7 @@ def extract_split(model, tok, data_cfg: data.DataConfig, split: str, batch_size:
         parts["pooled"].append(np.asarray(pooled)[keep])
         for k in ("index", *LABELS):
             parts[k].append(np.asarray(batch[k], np.int32)[keep])
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    order = np.argsort(out["index"], kind="stable")
-    out = {k: v[order] for k, v in out.items()}
-    if not np.array_equal(out["index"], np.arange(n)):  # every record exactly once
-        raise RuntimeError(f"split {split!r}: extracted {len(out['index'])} rows for {n} records "
-                           "(some records missing or repeated)")
+    out = in_record_order({k: np.concatenate(v) for k, v in parts.items()}, n, split)
     fields = record_fields(source, ID_FIELDS + FLAG_FIELDS)
     out.update({k: fields[k] for k in ID_FIELDS})
     out.update({k: fields[k].astype(np.int32) for k in FLAG_FIELDS})

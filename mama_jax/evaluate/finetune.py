@@ -131,14 +131,12 @@ def _inputs(cfg):
 def _train(cfg, state, ckpt, batches, mesh, folder: str, start: int) -> str | None:
     """Steps start .. cfg.steps-1 through the one loop; the signal's name if one stopped it."""
     lr_at = finetune_model.lr_schedule(cfg.optim, cfg.steps)
-
-    def step(batch, step):
-        return dict(state.step(batch["image"], batch["label"]), lr=jnp.asarray(lr_at(step)))
-
     writer = run_metrics.MetricsWriter(folder)
     job = loop.Job(
         name=f"finetune {cfg.task}", next_batch=lambda: sharding.shard_batch(next(batches), mesh),
-        step=step, save=lambda done: state.save(ckpt, done),
+        step=lambda batch, step: state.step(batch["image"], batch["label"]),
+        save=lambda done: state.save(ckpt, done),
+        at_log=lambda done: {"lr": float(lr_at(done - 1))},  # the rate of the line's last step
         latest_checkpoint=lambda: f"step {ckpt.latest_step()} in {ckpt.directory}",
         writer=writer, samples_per_step=int(cfg.batch_size), loss_key="loss")
     try:
