@@ -2,6 +2,8 @@
 topologies, and a dead process stops its peer (issue: multi-process scale-out)."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -125,14 +127,24 @@ def test_two_processes_match_one_and_a_dead_peer_stops_the_other(tiny_dataset, p
         for run, batch in ((run_two, batch_two), (run_one, batch_one)))
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
 
-    # Restarting both resumes from the last checkpoint and carries on.
+    # Restarting both resumes from the last checkpoint and carries on; a SIGTERM to one
+    # host then stops both after the same step (JAX's preemption sync point), both saved.
     latest = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
-    procs = _launch_pair(workdir, tiny_dataset, steps=latest + 2, logs=logs)
+    procs = _launch_pair(workdir, tiny_dataset, steps=1000, logs=logs)
+    deadline = time.time() + 600
+    while max(train.per_step_losses(workdir), default=0) < latest + 2 and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), _log(logs, 0)[-3000:] + _log(logs, 1)[-3000:]
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
     for p in procs:
-        assert p.wait(timeout=600) == 0, _log(logs, 0)[-3000:] + _log(logs, 1)[-3000:]
+        assert p.wait(timeout=300) == 0, _log(logs, 0)[-3000:] + _log(logs, 1)[-3000:]
     assert f"resumed from step {latest}" in _log(logs, 0)
-    assert max(train.per_step_losses(workdir)) == latest + 2
-    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == latest + 2
+    saved = [re.findall(r"saved step (\d+), exiting", _log(logs, i)) for i in range(2)]
+    assert saved[0] and saved[0] == saved[1], saved
+    stop_step = int(saved[0][-1])
+    assert stop_step >= latest + 2
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == stop_step
+    assert max(train.per_step_losses(workdir)) == stop_step
 
 
 def test_checkpoint_from_8_devices_continues_on_2_and_1(tiny_dataset, pretrained_workdir):
