@@ -1,5 +1,5 @@
 """Full fine-tune: balanced sampler, schedule and SGD against numpy, a short run end to end,
-SIGTERM / NaN stop + resume == the straight run, clear errors."""
+SIGTERM / NaN stop + resume == the straight run, clear errors; the SGD linear probe."""
 
 import json
 import math
@@ -12,8 +12,10 @@ import pytest
 from flax import nnx
 
 from configs import finetune as finetune_config
+from configs import report as report_config
 from mama_jax import checkpoint, data, factory, loop, metrics as run_metrics
-from mama_jax.evaluate import balanced_sampler, finetune, finetune_model, restore
+from mama_jax.evaluate import (balanced_sampler, extract, finetune, finetune_model, linear_probe,
+                               report, restore)
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -211,3 +213,53 @@ def test_task_without_labels_and_bad_configs_are_clear_errors(pretrained_workdir
     with pytest.raises(ValueError, match="dataset has no cancer labels"):
         finetune.run(_config(pretrained_workdir, task="cancer"), str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "finetune"))  # stopped before any work
+
+
+def test_sgd_probe_trains_the_head_only_on_a_patient_sample_and_reaches_the_report(
+        pretrained_workdir, tiny_dataset, tmp_path):
+    """protocol=linear: the paper's SGD probe through the same loop, tower frozen."""
+    workdir = str(tmp_path)
+    result = finetune.run(_config(pretrained_workdir, protocol="linear", train_fraction=0.1),
+                          workdir)
+    with open(os.path.join(workdir, "sgd_probe_birads_10pct.json")) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(result))
+    assert saved["protocol"] == "linear" and saved["train_fraction"] == 0.1
+    entry = saved["tasks"]["birads"]
+    for split, ev in entry["eval"].items():
+        assert saved[f"birads/sgd_probe_10pct/{split}/bacc"] == ev["balanced_accuracy"]
+    assert not os.path.exists(os.path.join(workdir, "finetune_birads.json"))
+
+    # The training images are those of a tenth of the labelled patients (linear_probe's sample).
+    source = data.open_split(tiny_dataset, "train")
+    fields = extract.record_fields(source, ("patient_id", "birads"))
+    labelled = fields["birads"] >= 0
+    picked = linear_probe.sample_fraction(fields["patient_id"][labelled], 0.1, 0)
+    assert entry["n_train_labelled"] == int(picked.sum()) < int(labelled.sum())
+
+    # Only the head moved: the tower is the pretrained one, bit for bit.
+    probe, step = finetune_model.restore_classifier(workdir, "birads", protocol="linear",
+                                                    fraction=0.1)
+    pretrained, _, _ = restore.restore_model(pretrained_workdir)
+    assert step == 4
+    before, after = _flat(pretrained.vision), _flat(probe.vision)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    init = finetune_model.Classifier(pretrained.vision, 7, rngs=nnx.Rngs(0))
+    assert not np.array_equal(np.asarray(init.head.kernel[...]), np.asarray(probe.head.kernel[...]))
+    # The frozen tower is written once, not with every step.
+    ckpts = os.path.join(finetune_model.run_dir(workdir, "birads", "linear", 0.1), "checkpoints")
+    assert os.path.isdir(os.path.join(ckpts, "frozen"))
+
+    # The report lists the SGD probe in its own rows, next to the (absent) L-BFGS probe.
+    report.run(report_config.get_config(), workdir)
+    with open(os.path.join(workdir, "report.md")) as f:
+        text = f.read()
+    bacc = 100 * entry["eval"]["test"]["balanced_accuracy"]
+    rows = [line for line in text.splitlines() if line.startswith("| MaMA (this run), SGD probe")]
+    assert rows and any(f"{bacc:.2f}" in r for r in rows), rows
+
+    with pytest.raises(ValueError, match="config.protocol"):
+        finetune.run(_config(pretrained_workdir, protocol="frozen"), workdir)
+    with pytest.raises(ValueError, match="config.train_fraction"):
+        finetune.run(_config(pretrained_workdir, train_fraction=0.0), workdir)

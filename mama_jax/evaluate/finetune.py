@@ -1,4 +1,6 @@
-"""Full fine-tune (FFT) of the pretrained vision tower plus a linear head (spec §4.2-4.3).
+"""Full fine-tune (FFT) of the pretrained vision tower plus a linear head (spec §4.2-4.3),
+or, with config.protocol="linear", the paper's SGD linear probe: the same job with the
+tower frozen (only the head trains), on config.train_fraction of the training patients.
 
 Linear(Dv -> C) on g(x), the mean of the ViT's pre-norm states over all tokens (the
 feature the linear probe reads); the tower trains too, except its final LayerNorm
@@ -9,9 +11,10 @@ class-balanced draws with replacement; the pretraining run's SimCLR-style augmen
 Data parallel: parameters replicated over the largest device count that divides the
 batch (all devices on multi-host runs). Checkpoints every N steps, on SIGTERM/SIGINT
 and at the end; a rerun resumes from the latest; a non-finite loss stops the run
-without saving. The LAST weights are then tested: WORKDIR/finetune_<task>.json (and the
-per-image probabilities in WORKDIR/finetune_<task>_<split>.npz). Run files
-(checkpoints, metrics.jsonl, TensorBoard) live in WORKDIR/finetune/<task>/.
+without saving. The LAST weights are then tested: WORKDIR/<name>.json (and the per-image
+probabilities in WORKDIR/<name>_<split>.npz), <name> = finetune_<task> or
+sgd_probe_<task>_<pct>pct. Run files (checkpoints, metrics.jsonl, TensorBoard) live in
+WORKDIR/finetune/<task>/ or WORKDIR/sgd_probe/<task>_<pct>pct/.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from mama_jax import captions, checkpoint, data, factory, loop, metrics as run_metrics, sharding
-from mama_jax.evaluate import (balanced_sampler, extract, finetune_model, metrics, restore,
-                               zeroshot)
+from mama_jax.evaluate import (balanced_sampler, extract, finetune_model, linear_probe, metrics,
+                               restore, zeroshot)
 
 CI_METRICS = ("balanced_accuracy", "auc")
 # Must match on a resume (same batches from the same start); run.json also records the rest.
-RUN_KEYS = ("task", "batch_size", "seed", "pretrain_workdir", "pretrain_step")
+RUN_KEYS = ("task", "protocol", "train_fraction", "batch_size", "seed", "pretrain_workdir",
+            "pretrain_step")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -46,6 +50,11 @@ def _check_config(cfg) -> None:
     for name in ("steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
         if cfg[name] < 1:
             raise ValueError(f"config.{name} must be >= 1; got {cfg[name]}")
+    if cfg.protocol not in finetune_model.PROTOCOLS:
+        raise ValueError(f"config.protocol: unknown {cfg.protocol!r}; known: "
+                         f"{', '.join(finetune_model.PROTOCOLS)}")
+    if not 0 < cfg.train_fraction <= 1:
+        raise ValueError(f"config.train_fraction must be in (0, 1]; got {cfg.train_fraction}")
     if cfg.bootstrap < 0:
         raise ValueError(f"config.bootstrap must be >= 0 (0 = no intervals); got {cfg.bootstrap}")
 
@@ -122,18 +131,24 @@ def _inputs(cfg):
         # The rules the batches use (density 1..4 -> 0..3); "dataset has no <task> labels" if none.
         labels[split] = zeroshot.task_labels(extract.record_fields(sources[split], (task,)), task,
                                              f"{data_cfg.dataset_dir} split {split!r}")
+    if cfg.train_fraction < 1:  # the images of a patient sample; the rest are unlabelled here
+        train = labels[cfg.train_split]
+        known = np.flatnonzero(train >= 0)
+        patients = extract.record_fields(sources[cfg.train_split], ("patient_id",))["patient_id"]
+        keep = known[linear_probe.sample_fraction(patients[known], cfg.train_fraction, cfg.seed)]
+        labels[cfg.train_split] = np.where(np.isin(np.arange(len(train)), keep), train, -1)
     flag = f"in_{task}_test_subset"  # the paper's stratified EMBED test subsets
     flags = (extract.record_fields(sources[cfg.eval_split], (flag,))[flag]
              if flag in extract.FLAG_FIELDS else None)
     return pretrain_cfg, data_cfg, sources, labels, flags
 
 
-def _train(cfg, state, ckpt, batches, mesh, folder: str, start: int) -> str | None:
+def _train(cfg, state, ckpt, batches, mesh, folder: str, start: int, name: str) -> str | None:
     """Steps start .. cfg.steps-1 through the one loop; the signal's name if one stopped it."""
     lr_at = finetune_model.lr_schedule(cfg.optim, cfg.steps)
     writer = run_metrics.MetricsWriter(folder)
     job = loop.Job(
-        name=f"finetune {cfg.task}", next_batch=lambda: sharding.shard_batch(next(batches), mesh),
+        name=name, next_batch=lambda: sharding.shard_batch(next(batches), mesh),
         step=lambda batch, step: state.step(batch["image"], batch["label"]),
         save=lambda done: state.save(ckpt, done),
         at_log=lambda done: {"lr": float(lr_at(done - 1))},  # the rate of the line's last step
@@ -163,7 +178,8 @@ def _last_logged(folder: str, key: str):
 
 
 def run(cfg, workdir: str) -> dict:
-    """Fine-tune on config.task, then test the last weights; returns finetune_<task>.json's content."""
+    """Fine-tune (or SGD-probe) on config.task, then test the last weights; returns the
+    content of WORKDIR/<name>.json (finetune_model.run_name)."""
     _check_config(cfg)
     task = cfg.task
     class_names = list(captions.CLASS_NAMES[task])
@@ -173,9 +189,12 @@ def run(cfg, workdir: str) -> dict:
     if cfg.dtype:  # compute dtype only: parameters stay fp32, so the checkpoint still fits
         pretrain_cfg.model.dtype = cfg.dtype
     pretrain_step = _latest_pretrain_step(cfg.pretrain_workdir)
-    folder = finetune_model.run_dir(workdir, task)
+    name = finetune_model.run_name(task, cfg.protocol, cfg.train_fraction)
+    folder = finetune_model.run_dir(workdir, task, cfg.protocol, cfg.train_fraction)
     os.makedirs(folder, exist_ok=True)
-    _check_resume(folder, {"task": task, "batch_size": int(cfg.batch_size), "seed": int(cfg.seed),
+    _check_resume(folder, {"task": task, "protocol": cfg.protocol,
+                           "train_fraction": float(cfg.train_fraction),
+                           "batch_size": int(cfg.batch_size), "seed": int(cfg.seed),
                            "pretrain_workdir": os.path.abspath(cfg.pretrain_workdir),
                            "pretrain_step": int(pretrain_step), "num_classes": len(class_names),
                            "dtype": pretrain_cfg.model.dtype})
@@ -185,19 +204,20 @@ def run(cfg, workdir: str) -> dict:
     net = finetune_model.Classifier(vision, len(class_names), rngs=nnx.Rngs(cfg.seed))
     del vision
     mesh = finetune_model.data_parallel_mesh(cfg.batch_size)
-    state = finetune_model.State(net, finetune_model.make_optimizer(cfg.optim, cfg.steps), mesh)
+    state = finetune_model.State(net, finetune_model.make_optimizer(cfg.optim, cfg.steps), mesh,
+                                 cfg.protocol)
     del net
     ckpt = checkpoint.Checkpointer(os.path.join(folder, "checkpoints"), keep=cfg.keep_checkpoints)
     try:
         start = min(ckpt.latest_step() or 0, cfg.steps)
         if start:
             state.restore(ckpt, start)
-            logging.info("finetune %s: resumed from step %d", task, start)
+            logging.info("%s: resumed from step %d", name, start)
         batches = balanced_sampler.train_batches(
             data_cfg, sources[cfg.train_split], train_labels,
             balanced_sampler.BalancedSampler(train_labels, cfg.seed), start, cfg.steps,
             process_index=jax.process_index(), process_count=jax.process_count())
-        stopped = _train(cfg, state, ckpt, batches, mesh, folder, start)
+        stopped = _train(cfg, state, ckpt, batches, mesh, folder, start, name)
     finally:
         ckpt.close()  # waits for the last asynchronous save
     if stopped:
@@ -206,33 +226,38 @@ def run(cfg, workdir: str) -> dict:
     probs = predict(state.graphdef, (state.trainable, state.rest), data_cfg, cfg.eval_split,
                     cfg.eval_batch_size, mesh, sources[cfg.eval_split])
     evals = evaluate(probs, test_labels, flags, class_names, cfg.bootstrap, cfg.seed)
-    headline = {f"{task}/fft/{name}/{short}": ev[m] for name, ev in evals.items()
+    kind = "fft" if cfg.protocol == "fft" else f"sgd_probe_{100 * cfg.train_fraction:g}pct"
+    headline = {f"{task}/{kind}/{split}/{short}": ev[m] for split, ev in evals.items()
                 for short, m in (("bacc", "balanced_accuracy"), ("auc", "auc"))}
     known_train = train_labels[train_labels >= 0]
+    counts = np.bincount(known_train, minlength=len(class_names))
+    warnings = ([f"the training sample holds {np.count_nonzero(counts)} of {len(class_names)} "
+                 "classes"] if np.count_nonzero(counts) < len(class_names) else [])
     result = metrics.json_safe({
         **headline, "task": task, "step": int(cfg.steps), "pretrain_step": int(pretrain_step),
         "pretrain_workdir": cfg.pretrain_workdir, "dataset_dir": data_cfg.dataset_dir,
         "train_split": cfg.train_split, "eval_split": cfg.eval_split, "run_dir": folder,
-        "finetune": {"model": "ViT (final norm frozen) + Linear on g(x), class-balanced sampling",
-                     "steps": cfg.steps, "batch_size": cfg.batch_size,
+        "protocol": cfg.protocol, "train_fraction": float(cfg.train_fraction),
+        "finetune": {"model": ("ViT (final norm frozen) + Linear on g(x)" if cfg.protocol == "fft"
+                               else "frozen ViT + Linear on g(x) (SGD linear probe)")
+                     + ", class-balanced sampling", "steps": cfg.steps, "batch_size": cfg.batch_size,
                      "dtype": pretrain_cfg.model.dtype, "devices": int(mesh.size),
                      "seed": cfg.seed, "bootstrap": cfg.bootstrap, "optim": cfg.optim.to_dict()},
         "tasks": {task: {"num_classes": len(class_names), "class_names": class_names,
                          "n_train_labelled": int(len(known_train)),
-                         "train_class_counts": np.bincount(known_train,
-                                                           minlength=len(class_names)).tolist(),
+                         "train_class_counts": counts.tolist(), "warnings": warnings,
                          "n_eval": {k: int(v["n"]) for k, v in evals.items()},
                          "train_loss": _last_logged(folder, "loss"), "eval": evals}},
     })
     if jax.process_index() == 0:
         known = np.flatnonzero(test_labels >= 0)
         image_id = extract.record_fields(sources[cfg.eval_split], ("image_id",))["image_id"]
-        np.savez(os.path.join(workdir, f"finetune_{task}_{cfg.eval_split}.npz"), index=known,
+        np.savez(os.path.join(workdir, f"{name}_{cfg.eval_split}.npz"), index=known,
                  image_id=image_id[known], label=test_labels[known], probs=probs[known])
-        path = os.path.join(workdir, f"finetune_{task}.json")
+        path = os.path.join(workdir, f"{name}.json")
         with open(f"{path}.tmp", "w") as f:
             json.dump(result, f, indent=2, allow_nan=False)
         os.replace(f"{path}.tmp", path)  # never a half-written result under the real name
-    logging.info("finetune %s: bACC %.4f AUC %.4f (test)", task,
+    logging.info("%s: bACC %.4f AUC %.4f (test)", name,
                  evals["test"]["balanced_accuracy"], evals["test"]["auc"])
     return result

@@ -39,8 +39,16 @@ class Classifier(nnx.Module):
         return self.head(self.features(images))
 
 
-def trainable_filter():
-    """Everything but the ViT's final norm (g does not use it) and mask token (spec §4.2)."""
+PROTOCOLS = ("fft", "linear")  # full fine-tune | the paper's SGD linear probe (tower frozen)
+
+
+def trainable_filter(protocol: str = "fft"):
+    """fft: everything but the ViT's final norm (g does not use it) and mask token (spec
+    §4.2). linear: the head only; the tower's gradient is never computed."""
+    if protocol == "linear":
+        return nnx.All(nnx.Param, nnx.PathContains("head"))
+    if protocol != "fft":
+        raise ValueError(f"config.protocol: unknown {protocol!r}; known: {', '.join(PROTOCOLS)}")
     return nnx.All(nnx.Param, *[nnx.Not(nnx.All(nnx.PathContains("vision"), nnx.PathContains(n)))
                                 for n in mama.FROZEN_VISION])
 
@@ -57,9 +65,16 @@ def make_optimizer(o, steps: int) -> optax.GradientTransformation:
                        optax.sgd(lr_schedule(o, steps), momentum=o.momentum))
 
 
-def train_step(graphdef, trainable, rest, opt_state, images, labels, *, tx):
+def train_step(graphdef, trainable, rest, opt_state, images, labels, *, tx,
+               frozen_tower: bool = False):
+    if frozen_tower:  # the probe: g(x) once, outside the gradient; only the head is traced
+        feats = jax.lax.stop_gradient(nnx.merge(graphdef, trainable, rest).features(images))
+        forward = lambda net: net.head(feats)  # noqa: E731
+    else:
+        forward = lambda net: net(images)  # noqa: E731
+
     def loss_fn(trainable):
-        logits = nnx.merge(graphdef, trainable, rest)(images)
+        logits = forward(nnx.merge(graphdef, trainable, rest))
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -82,10 +97,12 @@ def data_parallel_mesh(batch_size: int):
 class State(train_state.ShardedState):
     """The classifier's sharded parameters and optimiser state, and its jitted step."""
 
-    def __init__(self, net: Classifier, tx: optax.GradientTransformation, mesh):
-        self.graphdef, trainable, rest = nnx.split(net, trainable_filter(), ...)
+    def __init__(self, net: Classifier, tx: optax.GradientTransformation, mesh,
+                 protocol: str = "fft"):
+        self.graphdef, trainable, rest = nnx.split(net, trainable_filter(protocol), ...)
         super().__init__(trainable, rest, tx, mesh)
-        self._step = jax.jit(functools.partial(train_step, self.graphdef, tx=tx),
+        self._step = jax.jit(functools.partial(train_step, self.graphdef, tx=tx,
+                                               frozen_tower=protocol == "linear"),
                              donate_argnums=(0, 2),
                              out_shardings=(self.trainable_sh, self.opt_sh,
                                             sharding.replicated(mesh)))
@@ -96,14 +113,25 @@ class State(train_state.ShardedState):
         return out
 
 
-def run_dir(workdir: str, task: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "finetune", task)
+def run_name(task: str, protocol: str = "fft", fraction: float = 1.0) -> str:
+    """finetune_<task> (FFT) or sgd_probe_<task>_<pct>pct: the run's folder and result file."""
+    if protocol == "fft":
+        return f"finetune_{task}"
+    return f"sgd_probe_{task}_{100 * fraction:g}pct"
 
 
-def restore_classifier(workdir: str, task: str, *, step: int | None = None):
-    """(Classifier, step) of a fine-tune run in `workdir` (latest checkpoint by default),
-    on one device, for inspection, maps or export."""
-    folder = run_dir(workdir, task)
+def run_dir(workdir: str, task: str, protocol: str = "fft", fraction: float = 1.0) -> str:
+    """WORKDIR/finetune/<task> (FFT) or WORKDIR/sgd_probe/<task>_<pct>pct."""
+    if protocol == "fft":
+        return os.path.join(os.path.abspath(workdir), "finetune", task)
+    return os.path.join(os.path.abspath(workdir), "sgd_probe", f"{task}_{100 * fraction:g}pct")
+
+
+def restore_classifier(workdir: str, task: str, *, protocol: str = "fft", fraction: float = 1.0,
+                       step: int | None = None):
+    """(Classifier, step) of a fine-tune or SGD-probe run in `workdir` (latest checkpoint
+    by default), on one device, for inspection, maps or export."""
+    folder = run_dir(workdir, task, protocol, fraction)
     path = os.path.join(folder, RUN_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{folder}: no {RUN_FILE}; not a fine-tune run of task {task!r}")
@@ -113,4 +141,5 @@ def restore_classifier(workdir: str, task: str, *, step: int | None = None):
     # checkpoint is not read, the tower only gives the shapes to restore into.
     vit_cfg = restore.vision_config(info["pretrain_workdir"], dtype=info["dtype"])
     net = Classifier(restore.abstract_vision(vit_cfg), info["num_classes"], rngs=nnx.Rngs(0))
-    return restore.restore_split(net, trainable_filter(), os.path.join(folder, "checkpoints"), step)
+    return restore.restore_split(net, trainable_filter(info.get("protocol", "fft")),
+                                 os.path.join(folder, "checkpoints"), step)

@@ -52,6 +52,16 @@ def _fft_results(workdir: str) -> dict:
     return out
 
 
+def _sgd_probe_results(workdir: str) -> dict:
+    """{task: {percent: entry}} of the SGD probe's sgd_probe_<task>_<pct>pct.json files."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "sgd_probe_*.json"))):
+        result = _load_json(path)
+        for task, entry in tables.tasks(result).items():
+            out.setdefault(task, {})[round(100 * float(result["train_fraction"]), 6)] = entry
+    return out
+
+
 def find_metrics_jsonl(workdir: str, pretrain_workdir: str = "") -> str | None:
     candidates = [workdir, pretrain_workdir]
     for path in sorted(glob.glob(os.path.join(workdir, "config_*.json"))):
@@ -183,12 +193,15 @@ def run(cfg, workdir: str) -> dict:
     maps_json = _load_json(os.path.join(workdir, "maps", "maps.json"))
     metrics_path = find_metrics_jsonl(workdir, cfg.get("pretrain_workdir", ""))
     zs, lp, fft = tables.tasks(zs_json), tables.tasks(lp_json), _fft_results(workdir)
+    sgd = _sgd_probe_results(workdir)
 
     lines = [f"# {cfg.get('title', '') or 'MaMA evaluation report'}", "", "## Inputs", ""]
     for name, present, what in (
             ("zeroshot.json", zs_json is not None, f"tasks {', '.join(zs) or 'none'}"),
             ("linear_probe.json", lp_json is not None, f"tasks {', '.join(lp) or 'none'}"),
             ("finetune_<task>.json", bool(fft), f"tasks {', '.join(fft)}"),
+            ("sgd_probe_<task>_<pct>pct.json", bool(sgd), ", ".join(
+                f"{t} {', '.join(f'{p:g}%' for p in sorted(v))}" for t, v in sgd.items())),
             ("maps/maps.json", maps_json is not None,
              f"{len((maps_json or {}).get('maps', []))} maps"),
             ("metrics.jsonl (pretraining)", metrics_path is not None, metrics_path or "")):
@@ -199,8 +212,8 @@ def run(cfg, workdir: str) -> dict:
             lines.append(f"- {label}: {zs_json[key]}")
     lines.append("")
 
-    if zs or lp or fft:
-        lines += tables.results_tables(zs, lp, fft) + tables.per_class(zs, lp)
+    if zs or lp or fft or sgd:
+        lines += tables.results_tables(zs, lp, fft, sgd) + tables.per_class(zs, lp)
     else:
         lines += ["## Results", "", f"Zero-shot: {tables.NOT_RUN}. Linear probe: {tables.NOT_RUN}. "
                   f"Fine-tune: {tables.NOT_RUN}.", ""]
@@ -227,7 +240,7 @@ def run(cfg, workdir: str) -> dict:
         f.write("\n".join(lines))
     figures = sorted(glob.glob(os.path.join(fig_dir, "*.png")))
     return {"report": path, "zeroshot_tasks": len(zs), "linear_probe_tasks": len(lp),
-            "finetune_tasks": len(fft),
+            "finetune_tasks": len(fft), "sgd_probe_tasks": len(sgd),
             "maps": len((maps_json or {}).get("maps", [])), "loss_curves": int(loss_path is not None),
             "val_zeroshot_curves": int(val_path is not None),
             "figures": len(figures)}

@@ -124,18 +124,38 @@ def _result_row(label: str, zs_entry, fractions: dict, fft_entry, splits) -> lis
     return row + [bacc_auc(entry) if entry else NOT_RUN]
 
 
-def results_tables(zs: dict, lp: dict, fft: dict) -> list[str]:
+def _sgd_rows(fractions: dict) -> list[list[str]]:
+    """The SGD probe's rows (LP columns only): on the test subset first where flagged."""
+    def row(label, splits):
+        cells = []
+        for f in LP_FRACTIONS:
+            entry = lp_split(fractions[f], splits) if f in fractions else None
+            cells.append(bacc_auc(entry) if entry else NOT_RUN)
+        return [label, "-"] + cells + ["-"]
+
+    label = f"{METHOD}, SGD probe"
+    whole, subset = row(label, ("test",)), row(f"{label}, test subset", SUBSET_SPLITS)
+    if any(cell != NOT_RUN for cell in subset[2:-1]):
+        return [subset, [f"{label}, whole test split"] + whole[1:]]
+    return [whole]
+
+
+def results_tables(zs: dict, lp: dict, fft: dict, sgd: dict | None = None) -> list[str]:
+    """sgd: {task: {percent: entry}} of the SGD linear probe (finetune job, protocol linear)."""
+    sgd = sgd or {}
     out = ["## Results", "",
            "bACC / AUC in %, 95 % bootstrap intervals in brackets. ZS = zero-shot with the "
-           "class prompts; LP = linear probe on that share of the training data (L-BFGS "
-           "logistic regression on extracted embeddings, not the paper's SGD probe); FFT = "
-           "full fine-tune (last weights). Where the dataset flags the paper's class-stratified "
+           "class prompts; LP = linear probe on that share of the training patients: in the "
+           "MaMA (this run) rows an L-BFGS logistic regression on extracted embeddings "
+           "(configs/linear_probe.py), in the SGD probe rows the paper's protocol (frozen tower, "
+           "SGD with momentum, class-balanced draws, augmentation; configs/finetune.py:probe); "
+           "FFT = full fine-tune (last weights). Where the dataset flags the paper's class-stratified "
            "test subset (§4.2), the first row is on it, the protocol of the paper's tables, "
            "and the whole test split follows; otherwise the row is the whole test split. "
            "MaMA (paper): arXiv 2409.18119v2 on full EMBED (RSNA for cancer) at 518 px, a "
            "reference point that a small run is not expected to reach.", ""]
     for task in captions.TASKS:
-        if task not in zs and task not in lp and task not in fft:
+        if task not in zs and task not in lp and task not in fft and task not in sgd:
             continue
         fractions = lp_fractions(lp.get(task, {}))
         fft_entry = lp_split(fft[task]) if task in fft else None
@@ -144,6 +164,8 @@ def results_tables(zs: dict, lp: dict, fft: dict) -> list[str]:
             "test_subset"), fractions, fft.get(task), SUBSET_SPLITS)
         if any(cell != NOT_RUN for cell in subset[1:]):
             rows = [subset, [f"{METHOD}, whole test split"] + rows[0][1:]]
+        if task in sgd:
+            rows += _sgd_rows(sgd[task])
         if task in PAPER_MAMA:
             paper = PAPER_MAMA[task] + (PAPER_MAMA_FFT.get(task),)
             rows.append(["MaMA (paper)"] + [f"{c[0]:.2f} / {c[1]:.2f}" if c else "-"
@@ -160,6 +182,8 @@ def results_tables(zs: dict, lp: dict, fft: dict) -> list[str]:
                 ["Train data", "test", "test subset"], rows) + [""]
         notes = [f"- LP {f:g}%: {w}" for f in sorted(fractions)
                  for w in fractions[f].get("warnings") or []]
+        notes += [f"- SGD probe {f:g}%: {w}" for f, e in sorted(sgd.get(task, {}).items())
+                  for w in e.get("warnings") or []]
         if notes:
             out += ["Linear-probe warnings:", ""] + notes + [""]
         if task == "cancer":
