@@ -46,6 +46,7 @@ demo: $(VENV)/.core
 	$(PY) -m mama_jax.main --config=configs/extract.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/linear_probe.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/finetune.py:demo --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/finetune.py:demo --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo --config.protocol=linear
 	$(PY) -m mama_jax.main --config=configs/maps.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/report.py --workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/export.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo

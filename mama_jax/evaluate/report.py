@@ -4,6 +4,8 @@ Reads (each optional; a missing one is reported as "not run"):
   zeroshot.json + zeroshot_<task>_<split>.npz  (zeroshot job; the npz gives ROC curves)
   linear_probe.json                           (linear_probe job)
   finetune_<task>.json                        (finetune job: the FFT column)
+  sgd_probe_<task>_<pct>pct.json              (finetune job, protocol linear: the paper's
+                                               SGD probe, in the LP columns, own rows)
   maps/maps.json                              (maps job)
   metrics.jsonl                               (pretraining losses: the workdir's own, else
                                                config.pretrain_workdir's, else that of the
