@@ -12,9 +12,10 @@ import pytest
 from flax import nnx
 
 from configs import demo, extract as extract_config, finetune as finetune_config
+from configs import linear_probe as probe_config
 from configs import maps as maps_config, zeroshot as zeroshot_config
 from mama_jax import export, factory, run_model, train
-from mama_jax.evaluate import extract, finetune, maps, restore, zeroshot
+from mama_jax.evaluate import extract, finetune, linear_probe, maps, restore, zeroshot
 from mama_jax.models import convert
 
 
@@ -49,11 +50,42 @@ def run_with_weight_files(tiny_dataset, tmp_path_factory):
     return workdir, source
 
 
+def _numbers(tree) -> dict:
+    """The float leaves of a job's result (its numbers), keyed by path."""
+    if isinstance(tree, dict):
+        return {f"{k}/{p}": v for k, sub in tree.items() for p, v in _numbers(sub).items()}
+    return {"": tree} if isinstance(tree, float) else {}
+
+
+def _every_job(workdir, out) -> dict:
+    """Run extract, linear_probe, finetune and maps from the run; their numbers and arrays."""
+    cfg = extract_config.get_config()
+    cfg.update(dict(pretrain_workdir=workdir, splits=("train", "test"), batch_size=4))
+    extract.run(cfg, out)
+    got = {f"{split}/{k}": v for split in ("train", "test")
+           for k, v in np.load(os.path.join(out, f"embeddings_{split}.npz")).items()
+           if v.dtype.kind == "f"}
+    cfg = probe_config.get_config("test")
+    cfg.update(dict(pretrain_workdir=workdir, tasks=("density",), fractions=(1.0,),
+                    bootstrap=0))
+    got["linear_probe"] = _numbers(linear_probe.run(cfg, out))
+    cfg = finetune_config.get_config("test")
+    cfg.update(dict(pretrain_workdir=workdir, steps=2, bootstrap=0))
+    got["finetune"] = _numbers(finetune.run(cfg, out))
+    cfg = maps_config.get_config()
+    cfg.update(dict(pretrain_workdir=workdir, num_images=1, display_size=0))
+    with open(maps.run(cfg, out)["maps_json"]) as f:
+        got["maps"] = _numbers(json.load(f))
+    assert got["linear_probe"] and got["finetune"] and got["maps"]
+    return got
+
+
 def test_jobs_run_from_the_run_alone_after_the_weights_move(run_with_weight_files, tmp_path):
     workdir, source = run_with_weight_files
     assert run_model.exists(workdir)
     before_model, _, step = restore.restore_model(workdir)
-    before = _zeroshot(workdir, str(tmp_path / "zs_before"))
+    before_zs = _zeroshot(workdir, str(tmp_path / "zs_before"))
+    before = _every_job(workdir, str(tmp_path / "before"))
     shutil.move(str(source), str(tmp_path / "moved"))  # vit, text and tokenizer are gone
 
     after_model, _, step_after = restore.restore_model(workdir)
@@ -62,17 +94,14 @@ def test_jobs_run_from_the_run_alone_after_the_weights_move(run_with_weight_file
     b = dict(nnx.to_flat_state(nnx.state(before_model)))
     for path, value in a:
         np.testing.assert_array_equal(np.asarray(value), np.asarray(b[path]), err_msg=str(path))
-    assert _zeroshot(workdir, str(tmp_path / "zs_after")) == before
-
-    cfg = extract_config.get_config()
-    cfg.update(dict(pretrain_workdir=workdir, splits=("test",), batch_size=4))
-    assert extract.run(cfg, str(tmp_path / "extract"))
-    cfg = maps_config.get_config()
-    cfg.update(dict(pretrain_workdir=workdir, num_images=1, display_size=0))
-    assert maps.run(cfg, str(tmp_path / "maps"))
-    cfg = finetune_config.get_config("test")
-    cfg.update(dict(pretrain_workdir=workdir, steps=2))
-    assert finetune.run(cfg, str(tmp_path / "finetune"))["task"] == "birads"
+    assert _zeroshot(workdir, str(tmp_path / "zs_after")) == before_zs
+    after = _every_job(workdir, str(tmp_path / "after"))
+    assert after.keys() == before.keys()
+    for key, value in before.items():  # the same model and inputs: the same numbers
+        if isinstance(value, dict):
+            assert after[key] == value, key
+        else:
+            np.testing.assert_array_equal(after[key], value, err_msg=key)
     cfg = ml_collections.ConfigDict(dict(mode="export", pretrain_workdir=workdir, out_dir="",
                                          step=-1))
     assert export.run(cfg, str(tmp_path / "export"))["step"] == 2
