@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="resize so the long side is at most this many pixels")
     b.add_argument("--voi", choices=("none", "window"), default="none",
                    help="'window' applies the file's VOI LUT / window (LINEAR or SIGMOID)")
+    b.add_argument("--j2k-reduce", choices=("on", "off"), default="on",
+                   help="'on' decodes JPEG 2000 at the coarsest resolution level that keeps "
+                        "--long-side pixels on the breast crop (the level goes in the "
+                        "manifest); 'off' decodes every file at full resolution")
     b.add_argument("--seed", type=int, default=0, help="seed of a new patient split")
     b.add_argument("--splits", default=None,
                    help="split file to reuse or create (default OUT/splits.json)")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = build.build(args.dataset, args.tables, args.images, args.out,
                           workers=args.workers, long_side=args.long_side, voi=args.voi,
                           seed=args.seed, splits_file=args.splits,
-                          scan_images=not args.no_scan)
+                          scan_images=not args.no_scan, j2k_reduce=args.j2k_reduce == "on")
     print(json.dumps(summary, indent=2))
     return 0
 

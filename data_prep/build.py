@@ -57,8 +57,12 @@ def _apply_decoded(row: dict, entry: dict) -> dict:
 
 def build(dataset: str, tables_dir: str, images_dir: str, out_dir: str, *,
           workers: int | None = None, long_side: int = 1036, voi: str = "none",
-          seed: int = 0, splits_file: str | None = None, scan_images: bool = True) -> dict:
-    """Run both stages; return a summary with counts per status and split."""
+          seed: int = 0, splits_file: str | None = None, scan_images: bool = True,
+          j2k_reduce: bool = True) -> dict:
+    """Run both stages; return a summary with counts per status and split.
+
+    j2k_reduce=False decodes JPEG 2000 at full resolution (the path before reduced decodes).
+    """
     adapter = _adapter(dataset)
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -76,7 +80,7 @@ def build(dataset: str, tables_dir: str, images_dir: str, out_dir: str, *,
         listed |= {os.path.abspath(d["dicom_path"]) for d in dropped if d.get("dicom_path")}
         skips += _unlisted_dicoms(images_dir, listed)
 
-    opts = prepare.DecodeOptions(long_side=long_side, voi=voi)
+    opts = prepare.DecodeOptions(long_side=long_side, voi=voi, j2k_reduce=j2k_reduce)
     entries = prepare.decode_all([(r["image_id"], r["dicom_path"]) for r in rows], out_dir,
                                  opts, workers or os.cpu_count() or 1, table_skips=skips)
     written = [_apply_decoded(r, entries[r["image_id"]]) for r in rows

@@ -1,8 +1,19 @@
 """Read one mammography DICOM into a breast-cropped uint16 image (no JAX here).
 
-Pipeline (read_dicom): dcmread -> decode the first frame -> modality LUT ->
-optional VOI (window / LUT) -> invert MONOCHROME1 -> min-max to uint16 ->
-Otsu breast crop at full resolution -> area resize of the long side.
+Pipeline (read_dicom): dcmread -> quality gates on the header (quality.py) -> decode
+the first frame -> modality LUT -> optional VOI (window / LUT) -> invert MONOCHROME1 ->
+min-max to uint16 (grey.py) -> quality gates on the image -> Otsu breast crop -> area
+resize of the long side (geometry.py).
+
+JPEG 2000 files skip most of the decode (j2k_reduce, the default; j2k.py): the breast
+box is found on the ~256-px level of the wavelet pyramid, then the image is decoded at
+the deepest level whose crop still has a long side of at least `long_side`, and the
+same steps run on that level. Other codecs, JPEG 2000 files whose crop needs level 0,
+and every file with j2k_reduce=False take the full-resolution path, unchanged. Where
+the reduced path differs: a level is close to, not equal to, a block mean of the full
+image; the min-max scale and the MONOCHROME1 flip use the extremes of the decoded
+level (block means, so single-pixel noise extremes no longer stretch the scale); the
+crop box is rounded outwards to whole pixels of that level.
 
 Privacy rule: the only header values that leave this module are laterality and
 view. Error messages carry the file path and a reason, never tag values.
@@ -19,13 +30,14 @@ import math
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels import pixel_array
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -46,9 +58,14 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from data_prep.geometry import crop_breast, resize_long_side  # noqa: F401 (public API)
+from data_prep import geometry, j2k, quality
+from data_prep.geometry import resize_long_side
+from data_prep.grey import VOI_MODES, scale_to_uint16, normalise_uint16, to_monochrome2
 
-VOI_MODES = ("none", "window")
+__all__ = ["DicomError", "DecodedImage", "VOI_MODES", "check_pixel_header", "decode_pixels",
+           "laterality_and_view", "normalise_uint16", "read_dicom", "to_monochrome2"]
+
+BOX_SIDE = 256  # long side of the level the reduced path finds the breast on (crop_breast's)
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 _NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
@@ -95,6 +112,9 @@ class DecodedImage:
     laterality: str      # "L" / "R" / ""
     view: str            # "CC" / "MLO" / other code / ""
     timings: dict = field(default_factory=dict)  # seconds: read, decode, process
+    # Derived geometry, no header values: the crop in source pixels and the stored size.
+    transform: geometry.CropResize | None = None
+    j2k_level: int | None = None  # JPEG 2000 level decoded (0 = full); None: another codec
 
 
 # ----------------------------------------------------------------------------- read
@@ -122,8 +142,8 @@ def _read_dataset(path) -> pydicom.Dataset:
     return ds
 
 
-def decode_pixels(ds: pydicom.Dataset, path) -> np.ndarray:
-    """Stored pixel values of the first frame, [rows, cols], native byte order."""
+def check_pixel_header(ds: pydicom.Dataset, path) -> UID:
+    """The transfer syntax, once the header allows a grayscale decode (else DicomError)."""
     meta = getattr(ds, "file_meta", None)
     tsuid = meta.get("TransferSyntaxUID") if meta is not None else None
     if not tsuid:
@@ -142,9 +162,18 @@ def decode_pixels(ds: pydicom.Dataset, path) -> np.ndarray:
         raise DicomError(path, f"photometric interpretation {photometric or 'missing'} with "
                                f"{samples} samples per pixel is not supported (grayscale "
                                "MONOCHROME1/MONOCHROME2 only)")
+    problem = quality.header_problem(ds, native=tsuid in _NATIVE)
+    if problem:
+        raise DicomError(path, problem)
     if tsuid in _JPEG_FAMILY and b"\xff\xd9" not in ds.PixelData[-64:]:
         # openjpeg decodes a cut codestream without complaint; refuse it here.
         raise DicomError(path, "compressed pixel data is truncated (no end-of-image marker)")
+    return tsuid
+
+
+def decode_pixels(ds: pydicom.Dataset, path) -> np.ndarray:
+    """Stored pixel values of the first frame, [rows, cols], native byte order."""
+    check_pixel_header(ds, path)
     try:
         arr = pixel_array(ds, index=0)
     except Exception as e:  # decoder plugins raise many types; messages are pixel facts
@@ -154,148 +183,6 @@ def decode_pixels(ds: pydicom.Dataset, path) -> np.ndarray:
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
-
-
-# ----------------------------------------------------------------------------- values
-
-
-def _number(ds, keyword, index=0):
-    """First (or index-th) numeric value of a DS/IS element, None if absent or bad."""
-    value = ds.get(keyword)
-    if isinstance(value, (list, tuple, MultiValue)):
-        value = value[index] if len(value) > index else None
-    if value is None or value == "":
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _modality_lut(arr: np.ndarray, ds) -> np.ndarray:
-    """Modality LUT or rescale, as float32 (LUT output stays integer)."""
-    if ds.get("ModalityLUTSequence"):
-        return apply_modality_lut(arr, ds)
-    out = arr.astype(np.float32)
-    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
-    if slope is not None and slope != 1.0:
-        out *= np.float32(slope)
-    if intercept:
-        out += np.float32(intercept)
-    return out
-
-
-def _output_range(ds) -> tuple[float, float]:
-    """Window output range as in PS3.3 C.11.2.1.2 (and pydicom.apply_windowing)."""
-    if ds.get("ModalityLUTSequence"):
-        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
-    bits = int(ds.BitsStored)
-    if int(ds.get("PixelRepresentation", 0) or 0) == 0:
-        y_min, y_max = 0.0, float(2 ** bits - 1)
-    else:
-        y_min, y_max = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
-    if slope is not None and intercept is not None:
-        y_min, y_max = y_min * slope + intercept, y_max * slope + intercept
-    return y_min, y_max
-
-
-def _window(x: np.ndarray, ds) -> np.ndarray | None:
-    """WindowCenter/Width with VOILUTFunction, float32; None if no usable window.
-
-    Same formulas as pydicom.pixels.apply_windowing, but in float32 to avoid a
-    full-size float64 copy.
-    """
-    center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
-    if center is None or width is None:
-        return None
-    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-    y_min, y_max = _output_range(ds)
-    y_range = y_max - y_min
-    if function in ("LINEAR", "LINEAR_EXACT"):
-        if function == "LINEAR":
-            if width < 1:
-                return None
-            center, width = center - 0.5, width - 1.0
-        elif width <= 0:
-            return None
-        if width == 0:  # LINEAR with width 1: a step at the centre
-            return np.where(x <= center, np.float32(y_min), np.float32(y_max))
-        out = x - np.float32(center)
-        out *= np.float32(y_range / width)
-        out += np.float32(0.5 * y_range + y_min)
-        np.clip(out, min(y_min, y_max), max(y_min, y_max), out=out)
-        return out
-    if function == "SIGMOID":
-        if width <= 0:
-            return None
-        out = x - np.float32(center)
-        out *= np.float32(-4.0 / width)
-        with np.errstate(over="ignore"):
-            np.exp(out, out=out)
-        out += np.float32(1.0)
-        np.divide(np.float32(y_range), out, out=out)
-        out += np.float32(y_min)
-        return out
-    return None  # unknown VOILUTFunction: treat as no window
-
-
-def _has_voi_lut(ds) -> bool:
-    seq = ds.get("VOILUTSequence")
-    return bool(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]
-
-
-def to_monochrome2(arr: np.ndarray, ds, *, voi: str) -> np.ndarray:
-    """float32 image, bright = dense: modality LUT, VOI per `voi`, MONOCHROME1 flip.
-
-    voi="none": modality LUT only (the official MaMA conversion).
-    voi="window": VOILUTSequence if present, else WindowCenter/Width with
-    VOILUTFunction LINEAR / LINEAR_EXACT / SIGMOID. Files without a usable
-    window (absent, invalid width, unknown function, or a window that maps the
-    whole image to one value) fall back to "none".
-    """
-    if voi not in VOI_MODES:
-        raise ValueError(f"voi must be one of {VOI_MODES}, got {voi!r}")
-    values = _modality_lut(arr, ds)
-    out = None
-    if voi == "window":
-        if _has_voi_lut(ds):
-            lut_in = values
-            if lut_in.dtype.kind == "f":  # LUT indices must be integers
-                lut_in = np.rint(lut_in).astype(np.int32)
-            out = apply_voi(lut_in, ds).astype(np.float32)
-        else:
-            x = values.astype(np.float32, copy=False)
-            out = _window(x, ds)
-            if out is not None and out.min() == out.max() and x.min() != x.max():
-                out = None  # e.g. a window meant for another bit depth
-    if out is None:
-        out = values.astype(np.float32, copy=False)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric == "MONOCHROME1":
-        # Flip within the image's own range (values beyond BitsStored exist).
-        np.subtract(out.min() + out.max(), out, out=out)
-    return out
-
-
-def normalise_uint16(arr: np.ndarray) -> np.ndarray:
-    """Min-max to 0..65535 (rounded); a constant image becomes zeros."""
-    a = np.asarray(arr)
-    lo, hi = float(a.min()), float(a.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("image contains NaN or infinite values")
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint16)
-    return _scale_to_uint16(a.astype(np.float32), lo, hi)
-
-
-def _scale_to_uint16(out: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Min-max scale float32 `out` in place (hi > lo) and return it as uint16."""
-    out -= np.float32(lo)
-    out *= np.float32(65535.0 / (hi - lo))
-    out += np.float32(0.5)
-    np.clip(out, 0, 65535, out=out)
-    return out.astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------- tags
@@ -333,12 +220,144 @@ def laterality_and_view(ds) -> tuple[str, str]:
     return laterality, view
 
 
+# ----------------------------------------------------------------------------- record
+
+
+def _level_image(raw: np.ndarray, ds, voi: str, *, reduced: bool = False
+                 ) -> np.ndarray | None:
+    """Decoded stored values as min-max uint16, bright = dense; None if constant.
+
+    On a reduced level (`reduced`) the extremes are taken after a 3 x 3 median: the
+    wavelet low-pass rings along sharp edges (one pixel wide, up to about an eighth of
+    the step beyond either side), which would otherwise set the scale. Flat extremes
+    (a background, a saturated label) come out exact; single-pixel extremes of the full
+    image (noise, specks) are lost to the reduction either way.
+    """
+    mono = to_monochrome2(raw, ds, voi=voi)  # a fresh float32 array we own
+    lo, hi = float(mono.min()), float(mono.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("image contains NaN or infinite values")
+    if hi <= lo:
+        return None
+    if reduced:
+        smooth = cv2.medianBlur(mono, 3)
+        if smooth.max() > smooth.min():
+            lo, hi = float(smooth.min()), float(smooth.max())
+    return scale_to_uint16(mono, lo, hi)  # in place: no second float copy
+
+
+def _breast_box(img: np.ndarray, path) -> tuple[int, int, int, int]:
+    box, share = geometry.breast_box(img)
+    problem = quality.foreground_problem(share)
+    if problem:
+        raise DicomError(path, problem)
+    return box
+
+
+def _crop_resize(img, box, long_side):
+    """Full-resolution crop and resize; returns (image, transform)."""
+    y0, y1, x0, x1 = box
+    out = np.ascontiguousarray(resize_long_side(img[y0:y1, x0:x1], long_side))
+    return out, geometry.CropResize(tuple(box), int(out.shape[0]), int(out.shape[1]))
+
+
+def _level_edges(edges, level: int) -> list[float]:
+    """Source pixel edges -> pixel edges of `level`, whose pixel k averages the source
+    around pixel 2^level * k (the low-pass filter is centred on it, not on the block's
+    middle): a source edge e lies at (e + (2^level - 1) / 2) / 2^level."""
+    f = 1 << level
+    return [(e + (f - 1) / 2) / f for e in edges]
+
+
+def _source_box(box, level: int, rows: int, cols: int) -> tuple[int, int, int, int]:
+    """A box in pixels of `level` -> source pixels, rounded outwards and clipped."""
+    f, off = 1 << level, ((1 << level) - 1) / 2
+    y0, y1, x0, x1 = box
+    return (max(0, math.floor(f * y0 - off)), min(rows, math.ceil(f * y1 - off)),
+            max(0, math.floor(f * x0 - off)), min(cols, math.ceil(f * x1 - off)))
+
+
+def _deepest_level(long: int, side: int, levels: int) -> int:
+    """The deepest level (<= levels) at which `long` source pixels still span `side`."""
+    level = 0
+    while level < levels and long >= side << (level + 1):
+        level += 1
+    return level
+
+
+def _reduced_record(ds, path, stream: j2k.Codestream, voi: str, long_side: int, crop: bool):
+    """(image, transform, level, decode seconds) from reduced JPEG 2000 decodes, or None
+    where the full-resolution path must run (level 0 needed, or Pillow cannot decode)."""
+    rows, cols = stream.rows, stream.cols
+    if max(rows, cols) < 2 * long_side:
+        return None  # even the uncropped image needs level 0: no extra decode
+    decode_s, box, low, low_level = 0.0, (0, rows, 0, cols), None, None
+    if crop:
+        low_level = _deepest_level(max(rows, cols), BOX_SIDE, stream.levels)
+        t0 = time.perf_counter()
+        low = j2k.decode_level(stream, low_level)
+        decode_s += time.perf_counter() - t0
+        small = None if low is None else _level_image(low, ds, voi, reduced=True)
+        if small is None:
+            return None  # undecodable or constant here: the full decode decides
+        box = _source_box(_breast_box(small, path), low_level, rows, cols)
+    y0, y1, x0, x1 = box
+    level = _deepest_level(max(y1 - y0, x1 - x0), long_side, stream.levels)
+    if level == 0:
+        return None
+    raw = low
+    if level != low_level:
+        t0 = time.perf_counter()
+        raw = j2k.decode_level(stream, level)
+        decode_s += time.perf_counter() - t0
+    img = None if raw is None else _level_image(raw, ds, voi, reduced=True)
+    if img is None:
+        return None
+    # The crop and output size the full path would use for this box, resampled from the level.
+    shape = geometry.long_side_shape(y1 - y0, x1 - x0, long_side)
+    window = _level_edges((y0, y1), level) + _level_edges((x0, x1), level)
+    out = geometry.area_resize(img, window, shape)
+    # Fancy indexing along columns leaves a Fortran-ordered array; records are C order.
+    out = np.ascontiguousarray(np.clip(np.rint(out), 0, 65535).astype(np.uint16))
+    return out, geometry.CropResize(box, *shape), level, decode_s
+
+
+def _full_record(ds, path, voi: str, long_side: int, crop: bool):
+    """(image, transform, decode seconds) from a full-resolution decode (today's path)."""
+    t0 = time.perf_counter()
+    raw = decode_pixels(ds, path)
+    decode_s = time.perf_counter() - t0
+    with _processing(path):
+        img = _level_image(raw, ds, voi)
+        del raw
+        if img is None:
+            raise DicomError(path, quality.BLANK)
+        box = _breast_box(img, path) if crop else (0, img.shape[0], 0, img.shape[1])
+        out, transform = _crop_resize(img, box, long_side)
+    return out, transform, decode_s
+
+
+@contextmanager
+def _processing(path):
+    """Report a failure in the pixel steps as a DicomError naming the file."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except Exception as e:
+        raise DicomError(path, f"pixel processing failed ({type(e).__name__}: {e})") from None
+
+
 # ----------------------------------------------------------------------------- all
 
 
-def read_dicom(path, *, voi: str = "none", long_side: int = 1036, crop: bool = True
+def read_dicom(path, *, voi: str = "none", long_side: int = 1036, crop: bool = True,
+               j2k_reduce: bool = True, min_short_side: int = quality.MIN_SHORT_SIDE
                ) -> DecodedImage:
-    """Decode one DICOM to a record image; raises DicomError naming the file."""
+    """Decode one DICOM to a record image; raises DicomError naming the file.
+
+    j2k_reduce=False decodes JPEG 2000 at full resolution, as every other codec.
+    """
     if voi not in VOI_MODES:
         raise ValueError(f"voi must be one of {VOI_MODES}, got {voi!r}")
     if long_side < 1:
@@ -346,23 +365,19 @@ def read_dicom(path, *, voi: str = "none", long_side: int = 1036, crop: bool = T
     t0 = time.perf_counter()
     ds = _read_dataset(path)
     t1 = time.perf_counter()
-    raw = decode_pixels(ds, path)
+    tsuid = check_pixel_header(ds, path)
+    problem = quality.shape_problem(int(ds.Rows), int(ds.Columns), min_short_side=min_short_side)
+    if problem:
+        raise DicomError(path, problem)
+    stream = j2k.codestream(ds) if j2k_reduce else None
+    with _processing(path):
+        reduced = _reduced_record(ds, path, stream, voi, long_side, crop) if stream else None
+    if reduced is not None:
+        img, transform, level, decode_s = reduced
+    else:
+        img, transform, decode_s = _full_record(ds, path, voi, long_side, crop)
+        level = 0 if tsuid in j2k.TRANSFER_SYNTAXES else None
+    laterality, view = laterality_and_view(ds)
     t2 = time.perf_counter()
-    try:
-        mono = to_monochrome2(raw, ds, voi=voi)  # a fresh float32 array we own
-        del raw
-        lo, hi = float(mono.min()), float(mono.max())
-        if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
-            img = _scale_to_uint16(mono, lo, hi)  # in place: no second float copy
-        else:
-            img = normalise_uint16(mono)
-        del mono
-        if crop:
-            img, _ = crop_breast(img)
-        img = np.ascontiguousarray(resize_long_side(img, long_side))
-        laterality, view = laterality_and_view(ds)
-    except Exception as e:
-        raise DicomError(path, f"pixel processing failed ({type(e).__name__}: {e})") from None
-    t3 = time.perf_counter()
-    return DecodedImage(img, laterality, view,
-                        {"read": t1 - t0, "decode": t2 - t1, "process": t3 - t2})
+    timings = {"read": t1 - t0, "decode": decode_s, "process": t2 - t1 - decode_s}
+    return DecodedImage(img, laterality, view, timings, transform, level)

@@ -32,31 +32,32 @@ def _downsample(img: np.ndarray, long_side: int) -> np.ndarray:
     return resize_long_side(img, long_side)
 
 
-def crop_breast(img: np.ndarray, *, margin: float = 0.02
-                ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Crop to the breast: Otsu foreground on a ~256-px copy, big components' box.
+def breast_box(img: np.ndarray, *, margin: float = 0.02
+               ) -> tuple[tuple[int, int, int, int], float]:
+    """The breast's box (y0, y1, x0, x1) and the share of the image its foreground covers.
 
-    Keeps every connected component at least 10 % the size of the largest (a
-    breast split by a dark band stays whole; small markers and labels go), maps
-    its box to full resolution and widens it by `margin` of each image side.
-    Returns (view into img, (y0, y1, x0, x1)); the whole image if nothing is found.
+    Otsu foreground on a ~256-px copy; keeps every connected component at least 10 %
+    the size of the largest (a breast split by a dark band stays whole; small markers
+    and labels go), maps their box to `img` pixels and widens it by `margin` of each
+    image side. The whole image and share 0.0 if nothing is found (a constant image);
+    the whole image and share 1.0 for an image too small to judge (a side under 2).
     """
     if img.ndim != 2:
         raise ValueError(f"crop_breast expects a 2-D image, got shape {img.shape}")
     h, w = img.shape
-    whole = (img, (0, h, 0, w))
     if h < 2 or w < 2:
-        return whole
+        return (0, h, 0, w), 1.0
     small = _downsample(img, 256)
     threshold = _otsu_threshold(small)
     if threshold is None:
-        return whole
+        return (0, h, 0, w), 0.0
     mask = (small >= threshold).astype(np.uint8)
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
-        return whole
+        return (0, h, 0, w), 0.0
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = stats[1:][areas >= 0.1 * areas.max()]
+    share = float(keep[:, cv2.CC_STAT_AREA].sum()) / small.size
     x0s, y0s = keep[:, cv2.CC_STAT_LEFT], keep[:, cv2.CC_STAT_TOP]
     x1s, y1s = x0s + keep[:, cv2.CC_STAT_WIDTH], y0s + keep[:, cv2.CC_STAT_HEIGHT]
     sy, sx = h / small.shape[0], w / small.shape[1]
@@ -65,7 +66,26 @@ def crop_breast(img: np.ndarray, *, margin: float = 0.02
     y1 = min(h, int(math.ceil(y1s.max() * sy)) + my)
     x0 = max(0, int(math.floor(x0s.min() * sx)) - mx)
     x1 = min(w, int(math.ceil(x1s.max() * sx)) + mx)
+    return (y0, y1, x0, x1), share
+
+
+def crop_breast(img: np.ndarray, *, margin: float = 0.02
+                ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Crop to the breast (breast_box); returns (view into img, (y0, y1, x0, x1))."""
+    (y0, y1, x0, x1), _ = breast_box(img, margin=margin)
     return img[y0:y1, x0:x1], (y0, y1, x0, x1)
+
+
+def long_side_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+    """(height, width) after resize_long_side: the long side at most `long_side`."""
+    if long_side < 1:
+        raise ValueError(f"long_side must be >= 1, got {long_side}")
+    if max(h, w) <= long_side:
+        return h, w
+    scale = long_side / max(h, w)
+    if h >= w:
+        return long_side, max(1, round(w * scale))
+    return max(1, round(h * scale)), long_side
 
 
 def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
@@ -74,17 +94,39 @@ def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
     Never stretches and never upscales: an image already small enough is
     returned unchanged.
     """
-    if long_side < 1:
-        raise ValueError(f"long_side must be >= 1, got {long_side}")
     h, w = img.shape[:2]
-    if max(h, w) <= long_side:
+    new_h, new_w = long_side_shape(h, w, long_side)
+    if (new_h, new_w) == (h, w):
         return img
-    scale = long_side / max(h, w)
-    if h >= w:
-        new_h, new_w = long_side, max(1, round(w * scale))
-    else:
-        new_h, new_w = max(1, round(h * scale)), long_side
     return cv2.resize(np.ascontiguousarray(img), (new_w, new_h), interpolation=cv2.INTER_AREA)
+
+
+def _area_taps(n_src: int, start: float, stop: float, n_out: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights [n_out, taps] averaging each of n_out equal parts of
+    [start, stop) (source pixel k covers [k, k + 1)); coverage beyond either end of the
+    source goes to the edge pixel."""
+    step = (stop - start) / n_out
+    lo = start + step * np.arange(n_out)
+    k = np.floor(lo).astype(np.int64)[:, None] + np.arange(int(math.ceil(step)) + 1)
+    overlap = np.minimum(lo[:, None] + step, k + 1) - np.maximum(lo[:, None], k)
+    return np.clip(k, 0, n_src - 1), (np.clip(overlap, 0, None) / step).astype(np.float32)
+
+
+def area_resize(img: np.ndarray, window: tuple[float, float, float, float],
+                shape: tuple[int, int]) -> np.ndarray:
+    """Area-average the window (y0, y1, x0, x1) of `img`, in fractional pixel edges, onto
+    `shape` (a shrink); float32. With whole-pixel edges it is cv2's INTER_AREA; fractional
+    edges let a reduced JPEG 2000 level, whose pixels sit off the full-resolution grid,
+    be resampled onto exactly the crop the full-resolution path would take."""
+    y0, y1, x0, x1 = window
+    rows, row_w = _area_taps(img.shape[0], y0, y1, shape[0])
+    cols, col_w = _area_taps(img.shape[1], x0, x1, shape[1])
+    first, last = int(cols.min()), int(cols.max()) + 1
+    sub = img[:, first:last]
+    cols = cols - first
+    tmp = sum(row_w[:, t, None] * sub[rows[:, t]] for t in range(rows.shape[1]))
+    return sum(col_w[None, :, t] * tmp[:, cols[:, t]] for t in range(cols.shape[1]))
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """Stage 1 of a build: decode every listed DICOM once into a resumable cache.
 
-Each image is decoded, cropped and resized by a worker process and written
+Each image is decoded, cropped and resized by a worker process (dicom.read_dicom;
+JPEG 2000 at a reduced level unless DecodeOptions.j2k_reduce is off) and written
 atomically under `cache/` as an 8-byte shape header plus the zlib-compressed
 uint16 buffer: exactly the bytes the dataset stores, so packing needs no
 further compression (the slow part of a single-process TFDS write); its outcome (written,
-with the crop box that places lesion boxes, or skipped with the reason) is appended to
-`manifest.jsonl` and flushed at once. A build that is
-killed keeps everything finished: on the next run, images already in the
-manifest are not decoded again.
+with the crop box that places lesion boxes and the JPEG 2000 level decoded, or skipped
+with the reason: unreadable, or stopped by a quality gate) is appended to
+`manifest.jsonl` and flushed at once, with the DecodeOptions it was made with. A build
+that is killed keeps everything finished: on the next run, images already in the
+manifest are not decoded again, unless their options differ from this run's (another
+--long-side, --voi or --j2k-reduce) or they predate the recorded options.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import struct
 import zlib
@@ -27,13 +30,13 @@ from data_prep import dicom, geometry
 
 MANIFEST = "manifest.jsonl"
 CACHE = "cache"
-_NO_RESIZE = 2 ** 31 - 1  # read_dicom's long_side that keeps the full resolution
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
     long_side: int = 1036
     voi: str = "none"
+    j2k_reduce: bool = True  # False: decode JPEG 2000 at full resolution, as before
 
 
 def cache_path(out_dir: str, image_id: str) -> str:
@@ -78,13 +81,12 @@ def read_cached(out_dir: str, image_id: str) -> CompressedImage:
 def _decode_one(job: tuple[str, str, str, DecodeOptions]) -> dict:
     """Worker: decode one DICOM into the cache. Never raises; reports the outcome."""
     image_id, dicom_path, out_dir, opts = job
-    entry = {"image_id": image_id, "dicom_path": dicom_path}
+    entry = {"image_id": image_id, "dicom_path": dicom_path, "options": asdict(opts)}
     if not os.path.exists(dicom_path):
         return {**entry, "status": "skipped", "reason": "file not found"}
     try:
-        # Crop and resize here rather than in read_dicom: the crop box is needed to map
-        # the tables' lesion boxes (source pixels) onto the stored image.
-        decoded = dicom.read_dicom(dicom_path, voi=opts.voi, long_side=_NO_RESIZE, crop=False)
+        decoded = dicom.read_dicom(dicom_path, voi=opts.voi, long_side=opts.long_side,
+                                   j2k_reduce=opts.j2k_reduce)
     except dicom.DicomError as err:
         # The message names the file first; keep only the reason.
         reason = str(err)
@@ -93,17 +95,13 @@ def _decode_one(job: tuple[str, str, str, DecodeOptions]) -> dict:
         return {**entry, "status": "skipped", "reason": reason}
     except Exception as err:  # a decoder crash must not stop the batch
         return {**entry, "status": "skipped", "reason": f"{type(err).__name__}: {err}"}
-    try:
-        pixels, transform = geometry.crop_and_resize(decoded.pixels, opts.long_side)
-    except Exception as err:
-        return {**entry, "status": "skipped",
-                "reason": f"pixel processing failed ({type(err).__name__}: {err})"}
+    pixels, transform = decoded.pixels, decoded.transform  # the crop box places lesion boxes
     target = cache_path(out_dir, image_id)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     write_cached(target, CompressedImage.compress(pixels))
     h, w = pixels.shape
     return {**entry, "status": "written", "height": int(h), "width": int(w),
-            "crop": list(transform.crop),
+            "crop": list(transform.crop), "j2k_level": decoded.j2k_level,
             "dicom_laterality": decoded.laterality, "dicom_view": decoded.view}
 
 
@@ -146,7 +144,10 @@ def decode_all(jobs: list[tuple[str, str]], out_dir: str, opts: DecodeOptions,
     done = {k: v for k, v in done.items()
             if v["status"] != "written"
             or (os.path.exists(cache_path(out_dir, k)) and transform_of(v) is not None)}
-    todo = [(i, p, out_dir, opts) for i, p in jobs if i not in done]
+    # So is a decoded entry made with other options (or before options were recorded):
+    # a cache from another --long-side or --j2k-reduce must not pass for this run's.
+    todo = [(i, p, out_dir, opts) for i, p in jobs
+            if done.get(i, {}).get("options") != asdict(opts)]
     with open(os.path.join(out_dir, MANIFEST), "a") as manifest:
         def record(entry: dict) -> None:
             manifest.write(json.dumps(entry, sort_keys=True) + "\n")

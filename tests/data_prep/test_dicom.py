@@ -12,10 +12,9 @@ import re
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 from data_prep.dicom import (
     DecodedImage,
@@ -24,7 +23,7 @@ from data_prep.dicom import (
     laterality_and_view,
     read_dicom,
 )
-from tests.data_prep.phantoms import box_of, phantom
+from tests.data_prep.phantoms import box_of, phantom, write_mammogram
 from tests.data_prep.pydicom_files import data_file, native_frame0, pillow_j2k, read
 
 
@@ -193,31 +192,6 @@ def test_dicom_error_survives_pickling():
 # ----------------------------------------------------------------------------- end to end
 
 
-def write_mammogram(path, image, *, monochrome1=False, j2k=False, window=None):
-    """A mammogram-like DICOM from a MONOCHROME2-sense uint16 image (14-bit)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "SECRET-ID-42", "MG"
-    ds.ImageLaterality, ds.ViewPosition = "R", "MLO"
-    ds.Rows, ds.Columns = image.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 14, 13
-    ds.PixelRepresentation = 0
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    stored = (16383 - image) if monochrome1 else image
-    if window:
-        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = window
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    if j2k:
-        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture(scope="module")
 def synthetic_breast():
     img, inside = phantom(h=1000, w=760, cy=500, cx=0, ry=380, rx=330)
@@ -272,4 +246,6 @@ def test_errors_never_quote_header_values(tmp_path, synthetic_breast):
     with pytest.raises(DicomError, match=re.escape("phi.dcm")) as err:
         read_dicom(path)
     assert "Doe" not in str(err.value) and "SECRET" not in str(err.value)
-    assert {f for f in DecodedImage.__dataclass_fields__} == {"pixels", "laterality", "view", "timings"}
+    # Header values: laterality and view only; the rest is pixels and derived geometry.
+    assert {f for f in DecodedImage.__dataclass_fields__} == {
+        "pixels", "laterality", "view", "timings", "transform", "j2k_level"}
