@@ -44,6 +44,7 @@ def get_config(arg: str | None = None):
         dtype="float32", text_param_dtype="float32", scan_layers=True, remat=False,
     ))
     c.loss.delta = 200
+    c.loss.clip_kind = "softmax"  # or sigmoid (SigLIP): --config.loss.clip_kind=sigmoid
     c.optim.update(dict(lr=1e-3, warmup_steps=30, total_steps=600, weight_decay=0.05))
     # Validation zero-shot 6 times in 600 steps (24 images; a few % of the run's time).
     c.train.update(dict(steps=600, log_every=25, checkpoint_every=200, keep_checkpoints=2,

@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
         caption_chunk=0,              # 0 = automatic
         max_log_scale=4.6052,         # clamp ln(100) as CLIP; 0 = no clamp (official)
         negatives="global",           # per_device = official CLIP / local negatives (D3)
+        # Image-text terms of eq. 4: softmax = CLIP (eq. 2, paper); sigmoid = SigLIP (a learnt
+        # bias joins the model; no global softmax, suits small per-device batches).
+        clip_kind="softmax",
     ))
 
     # Every step count in every config counts optimizer updates (one per global batch).

@@ -43,6 +43,19 @@ def data_config(cfg, *, seed: int | None = None) -> data.DataConfig:
         brightness=d.brightness, contrast=d.contrast, blur_prob=d.blur_prob)
 
 
+def clip_kind(cfg) -> str:
+    """config.loss.clip_kind, checked: it sets both the loss and the model's parameters."""
+    kind = cfg.loss.get("clip_kind", "softmax")  # configs saved before the option: softmax
+    if kind not in losses.CLIP_KINDS:
+        raise ConfigError(f"config.loss.clip_kind={kind!r} is not one of {losses.CLIP_KINDS} "
+                          "(softmax = CLIP's eq. 2 terms, sigmoid = SigLIP)")
+    if kind == "sigmoid" and cfg.loss.clip_directions:
+        raise ConfigError(f"config.loss.clip_directions={cfg.loss.clip_directions!r} applies to "
+                          "the softmax CLIP terms only; leave it empty with "
+                          "config.loss.clip_kind='sigmoid'")
+    return kind
+
+
 def loss_options(cfg) -> losses.LossOptions:
     l = cfg.loss
     return losses.LossOptions(
@@ -50,7 +63,7 @@ def loss_options(cfg) -> losses.LossOptions:
         aux_start_step=l.aux_start_step if l.aux_start_step >= 0 else None,
         directions=l.directions, clip_directions=l.clip_directions or None,
         caption_chunk=l.caption_chunk or None, max_log_scale=l.max_log_scale or None,
-        negatives=l.negatives)
+        negatives=l.negatives, clip_kind=clip_kind(cfg))
 
 
 def tokenizer(cfg, workdir: str) -> tok_lib.TextTokenizer:
@@ -134,7 +147,8 @@ def _model_config(cfg, tok: tok_lib.TextTokenizer, vision_cfg, text_cfg) -> mama
                            # runs saved before the option existed used SEP states
                            sentence_features=cfg.model.get("sentence_features", "sep"),
                            freeze_llm=cfg.model.freeze_llm,
-                           train_text_base=cfg.model.train_text_base)
+                           train_text_base=cfg.model.train_text_base,
+                           clip_kind=clip_kind(cfg))  # the sigmoid loss's bias is a parameter
 
 
 def model_config(cfg, tok: tok_lib.TextTokenizer) -> mama.MaMAConfig:

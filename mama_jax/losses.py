@@ -37,6 +37,9 @@ _MASKED_LOGIT = -1e9
 _CHUNK_ELEMENTS = 1 << 25
 
 CLIP_DIRECTIONS = ("mean", "sum", "i2t")
+# The image-text terms of eq. 4: CLIP's softmax (eq. 2) or SigLIP's pairwise sigmoid
+# (losses_sigmoid.py), which needs no global softmax, for small per-device batches.
+CLIP_KINDS = ("softmax", "sigmoid")
 LOCAL_DIRECTIONS = ("mean", "sum")
 
 
@@ -311,8 +314,17 @@ class LossOptions:
     # D3: "per_device" = the official run's CLIP and local negatives from each
     # device's own batch slice (NT-Xent stays global, as there); needs a mesh.
     negatives: str = "global"
+    # "sigmoid": SigLIP replaces both CLIP terms (with the model's logit_bias); it is
+    # symmetric, so directions / clip_directions do not apply to it.
+    clip_kind: str = "softmax"
 
     def __post_init__(self):
+        if self.clip_kind not in CLIP_KINDS:
+            raise ValueError(f"LossOptions.clip_kind must be one of {CLIP_KINDS}, "
+                             f"got {self.clip_kind!r}")
+        if self.clip_kind == "sigmoid" and self.clip_directions is not None:
+            raise ValueError("LossOptions.clip_directions sets the softmax CLIP terms' "
+                             "directions; the sigmoid loss has none (leave it unset)")
         _check_directions(self.directions, LOCAL_DIRECTIONS, "LossOptions.directions")
         if self.clip_directions is not None:
             _check_directions(self.clip_directions, CLIP_DIRECTIONS,
@@ -344,7 +356,7 @@ def _require(emb: Mapping[str, Any], options: LossOptions):
 
 
 def mama_loss(emb: Mapping[str, Any], *, step, delta, logit_scale, local_scale,
-              nt_xent_temperature=0.5, options: LossOptions = LossOptions(),
+              logit_bias=None, nt_xent_temperature=0.5, options: LossOptions = LossOptions(),
               mesh: Mesh | None = None, data_axes: str | Sequence[str] | None = None):
     """Eq. 4: L = L_VV(v,ṽ) + L_VT(v,t) + L_VT(ṽ,t) + w·L_local.
 
@@ -352,8 +364,13 @@ def mama_loss(emb: Mapping[str, Any], *, step, delta, logit_scale, local_scale,
     patch_1 [B,P,d] (anchor view), sent [B,S,d], sent_mask [B,S]. Returns
     (total, parts) with the unweighted terms vv, vt_1, vt_2, local (0 when switched
     off), the weights w (local) and w_aux (L_VV and L_VT(ṽ,t)), and total.
+    With options.clip_kind="sigmoid" both L_VT terms are SigLIP's loss with temperature
+    logit_scale and bias `logit_bias` (required then).
     """
     _require(emb, options)
+    if options.clip_kind == "sigmoid" and logit_bias is None:
+        raise ValueError("mama_loss: clip_kind='sigmoid' needs logit_bias (the model's "
+                         "SigLIP bias)")
     zero = jnp.zeros((), _F32)
     logit_scale = jnp.asarray(logit_scale, _F32)
     local_scale = jnp.asarray(local_scale, _F32)
@@ -367,12 +384,22 @@ def mama_loss(emb: Mapping[str, Any], *, step, delta, logit_scale, local_scale,
 
     per_device = options.negatives == "per_device" and mesh is not None
 
+    def image_text(images, texts, ring):
+        if options.clip_kind == "softmax":
+            # On a mesh plain jnp already sees the global batch (XLA adds the collectives).
+            return clip_loss(images, texts, logit_scale, directions=clip_dirs)
+        from mama_jax import losses_sigmoid  # imported here: it builds on this module
+
+        if ring:
+            return losses_sigmoid.sharded_sigmoid_loss(mesh, data_axes, images, texts,
+                                                       logit_scale, logit_bias)
+        return losses_sigmoid.sigmoid_loss(images, texts, logit_scale, logit_bias)
+
     def clip(images):
         if per_device:
-            return per_device_mean(
-                lambda i, t: clip_loss(i, t, logit_scale, directions=clip_dirs), mesh, data_axes,
-                images, emb["txt_global"])
-        return clip_loss(images, emb["txt_global"], logit_scale, directions=clip_dirs)
+            return per_device_mean(lambda i, t: image_text(i, t, ring=False), mesh, data_axes,
+                                   images, emb["txt_global"])
+        return image_text(images, emb["txt_global"], ring=mesh is not None)
 
     def local_term():
         args = (emb["sent"], emb["sent_mask"], emb["patch_1"])

@@ -10,7 +10,7 @@ import optax
 
 # Parameter names that never get weight decay: norms' scales, biases, and the
 # learnable temperatures (open_clip's rule; the official code decays everything).
-NO_DECAY_NAMES = ("bias", "scale", "logit_scale", "local_scale", "ls1", "ls2")
+NO_DECAY_NAMES = ("bias", "scale", "logit_scale", "local_scale", "logit_bias", "ls1", "ls2")
 
 
 def schedule(lr: float, warmup_steps: int, total_steps: int, init_lr: float = 1e-8,

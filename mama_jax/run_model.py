@@ -39,7 +39,10 @@ def write(workdir: str, mcfg: mama.MaMAConfig, tok: tok_lib.TextTokenizer) -> No
     path = os.path.join(folder(workdir), CONFIG_FILE)
     described = mama.config_to_dict(mcfg)
     if os.path.exists(path):
-        if _read_json(path) != json.loads(json.dumps(described)):
+        recorded = _read_json(path)
+        # Runs recorded before loss.clip_kind was part of the model trained softmax CLIP terms.
+        recorded.get("mama", {}).setdefault("clip_kind", "softmax")
+        if recorded != json.loads(json.dumps(described)):
             raise RunModelError(f"{path}: this workdir's run has another architecture than the "
                                 "configured model; resume with the run's own config or use a "
                                 "new --workdir")

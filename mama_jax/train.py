@@ -43,12 +43,13 @@ def loss_and_grads(graphdef, trainable, rest, batch, step, dropout_key, *, delta
     pass or in `micro_batches` (grad_cache; the same numbers either way)."""
 
     def loss_fn(model, emb):
+        scales = dict(logit_scale=model.logit_scale[...], local_scale=model.local_scale[...])
+        if options.clip_kind == "sigmoid":  # only sigmoid models have the SigLIP bias
+            scales["logit_bias"] = model.logit_bias[...]
         total, parts = losses.mama_loss(
-            emb, step=step, delta=delta, logit_scale=model.logit_scale[...],
-            local_scale=model.local_scale[...], nt_xent_temperature=nt_xent_temperature,
-            options=options, mesh=mesh, data_axes=sharding.BATCH_AXES)
-        return total, dict(parts, logit_scale=model.logit_scale[...],
-                           local_scale=model.local_scale[...])
+            emb, step=step, delta=delta, nt_xent_temperature=nt_xent_temperature,
+            options=options, mesh=mesh, data_axes=sharding.BATCH_AXES, **scales)
+        return total, dict(parts, **scales)
 
     return grad_cache.loss_and_grads(graphdef, trainable, rest, batch, dropout_key,
                                      loss_fn=loss_fn, micro_batches=micro_batches, mesh=mesh)

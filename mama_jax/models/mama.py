@@ -33,6 +33,15 @@ SENTENCE_FEATURES = ("sep", "token_mean")
 FROZEN_VISION = ("norm", "mask_token")
 LOCAL_GROUP = ("img_local", "txt_local", "local_scale")
 SIMCLR_GROUP = ("simclr",)  # trained by L_VV only
+# The image-text loss the model is trained with (config.loss.clip_kind). "sigmoid" (SigLIP)
+# adds a learnable logit bias; "softmax" models keep the tree they always had. The same
+# tuple as losses.CLIP_KINDS (models import no loss code; a test holds the two equal).
+CLIP_KINDS = ("softmax", "sigmoid")
+# SigLIP's initialisation (Zhai et al. 2023, §3.2 and Algorithm 1): t' = log 10, b = -10,
+# b = -10 starts every pair near "negative", the prior of a batch with B - 1 negatives per
+# positive, so training does not begin with a large correction of that imbalance.
+SIGLIP_INIT_LOG_SCALE = math.log(10.0)
+SIGLIP_INIT_BIAS = -10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +58,13 @@ class MaMAConfig:
     init_log_scale: float = math.log(1 / 0.07)
     freeze_llm: bool = False  # D5: LoRA frozen too (the official run's effective setting)
     train_text_base: bool = False  # the whole decoder trains (random-init demo only)
+    # "sigmoid": logit_scale starts at SigLIP's log 10 (not init_log_scale) and a logit_bias
+    # joins it; local_scale keeps init_log_scale.
+    clip_kind: str = "softmax"
 
     def __post_init__(self):
+        if self.clip_kind not in CLIP_KINDS:
+            raise ValueError(f"MaMAConfig.clip_kind={self.clip_kind!r}; choose from {CLIP_KINDS}")
         if self.text_pool not in TEXT_POOLS:
             raise ValueError(f"MaMAConfig.text_pool={self.text_pool!r}; choose from {TEXT_POOLS}")
         if self.sentence_features not in SENTENCE_FEATURES:
@@ -90,7 +104,11 @@ class MaMA(nnx.Module):
                                   dtype=dtype, rngs=rngs)
         self.simclr = TokenMLP(dv, dv, cfg.simclr_out, bias=False, final_affine=True,
                                dtype=dtype, rngs=rngs)
-        self.logit_scale = Scalar(jnp.asarray(cfg.init_log_scale, jnp.float32))
+        sigmoid = cfg.clip_kind == "sigmoid"
+        log_scale = SIGLIP_INIT_LOG_SCALE if sigmoid else cfg.init_log_scale
+        self.logit_scale = Scalar(jnp.asarray(log_scale, jnp.float32))
+        if sigmoid:
+            self.logit_bias = Scalar(jnp.asarray(SIGLIP_INIT_BIAS, jnp.float32))
         self.local_scale = Scalar(jnp.asarray(cfg.init_log_scale, jnp.float32))
 
     # ------------------------------------------------------------ images
