@@ -1,4 +1,6 @@
-"""Input pipeline throughput: mama_jax.data.train_iterator examples/s by image size and threads.
+"""Input pipeline throughput: mama_jax.data.train_iterator examples/s by image size and threads,
+for views sent to the device as float32 [S, S, 3] (transfer rgb_float32, the path before)
+and as uint16 [S, S] (grey, normalised on the device), with the bytes of a batch.
 
   python benchmarks/data_throughput.py                         # builds a synthetic dataset first
   python benchmarks/data_throughput.py --dataset-dir OUT/tfds/mammography/embed/1.0.0
@@ -58,29 +60,54 @@ def per_record_costs(source, tok, image_sizes, n: int) -> None:
           f"{nbytes / n / 1e6:.2f} MB stored); of which the ArrayRecord read alone {raw_ms:.1f} ms")
     rng = np.random.default_rng(0)
     for size in image_sizes:
-        cfg = data.DataConfig(dataset_dir="", image_size=size)
-        t0 = time.perf_counter()
-        for r in records:
-            data.train_transform(r["image"], size, rng, cfg)
-        print(f"augment one view @{size}: {(time.perf_counter() - t0) / n * 1e3:.1f} ms")
+        for transfer in ("rgb_float32", "grey"):
+            cfg = data.DataConfig(dataset_dir="", image_size=size, transfer=transfer)
+            t0 = time.perf_counter()
+            for r in records:
+                data.train_view(r["image"], rng, cfg)
+            print(f"augment one view @{size} ({transfer}): "
+                  f"{(time.perf_counter() - t0) / n * 1e3:.1f} ms")
     t0 = time.perf_counter()
     for r in records:
         tok_lib.encode_caption(tok, captions.build_caption(r, mask_prob=0.8, rng=rng), 144)
     print(f"caption + tokenise: {(time.perf_counter() - t0) / n * 1e3:.2f} ms")
 
 
-def iterator_rate(dataset_dir: str, tok, size: int, threads: int, batch: int, batches: int) -> float:
+def iterator_rate(dataset_dir: str, tok, size: int, threads: int, batch: int, batches: int,
+                  transfer: str) -> tuple[float, int]:
+    """(examples/s, bytes of the batch's arrays) of train_iterator after a warm-up batch."""
     cfg = data.DataConfig(dataset_dir=dataset_dir, image_size=size, global_batch_size=batch,
-                          max_length=144, num_threads=threads, prefetch=2)
+                          max_length=144, num_threads=threads, prefetch=2, transfer=transfer)
     it = data.train_iterator(cfg, tok)
     next(it)  # opens the source, builds the study index, starts the threads
     t0 = time.perf_counter()
     for _ in range(batches):
         b = next(it)
     seconds = time.perf_counter() - t0
-    if b["view1"].shape != (batch, size, size, 3):
-        raise RuntimeError(f"train_iterator gave view1 {b['view1'].shape}, expected {(batch, size, size, 3)}")
-    return batches * batch / seconds
+    want = (batch, size, size) + ((3,) if transfer == "rgb_float32" else ())
+    if b["view1"].shape != want:
+        raise RuntimeError(f"train_iterator gave view1 {b['view1'].shape}, expected {want}")
+    return batches * batch / seconds, sum(v.nbytes for v in b.values())
+
+
+def compare_transfers(dataset_dir: str, tok, size: int, threads: int, args) -> None:
+    """Both transfers, interleaved args.repeats times (a busy host slows both alike); medians."""
+    rates = {t: [] for t in data.TRANSFERS}
+    nbytes = {}
+    for _ in range(args.repeats):
+        for transfer in ("rgb_float32", "grey"):
+            rate, nbytes[transfer] = iterator_rate(dataset_dir, tok, size, threads, args.batch,
+                                                   args.batches, transfer)
+            rates[transfer].append(rate)
+    cores = min(threads, os.cpu_count() or 1)
+    med = {t: float(np.median(r)) for t, r in rates.items()}
+    for transfer in ("rgb_float32", "grey"):
+        print(f"  @{size} px, {threads} thread(s), {transfer:>11}: {med[transfer]:.1f} examples/s, "
+              f"{med[transfer] / cores:.1f} examples/s/core, {nbytes[transfer] / 2 ** 20:.1f} MiB "
+              f"per batch of {args.batch} (runs: {', '.join(f'{r:.1f}' for r in rates[transfer])})")
+    print(f"  @{size} px, {threads} thread(s): grey / rgb_float32 = "
+          f"{med['grey'] / med['rgb_float32']:.2f}x examples/s, "
+          f"{nbytes['rgb_float32'] / nbytes['grey']:.2f}x fewer bytes per batch")
 
 
 def main() -> None:
@@ -93,6 +120,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=8, help="timed batches per setting")
     p.add_argument("--records", type=int, default=32, help="records for the per-record timings")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each transfer")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as work:
@@ -101,12 +129,11 @@ def main() -> None:
         tok = tokenizer_for(source, os.path.join(work, "tokenizer"))
         print(f"dataset: {dataset_dir} ({len(source)} train records); {os.cpu_count()} CPU cores")
         per_record_costs(source, tok, args.image_sizes, args.records)
-        print(f"train_iterator, batch {args.batch}, {args.batches} batches after a warm-up batch:")
+        print(f"train_iterator, batch {args.batch}, {args.batches} batches after a warm-up batch, "
+              f"views sent as float32 [S, S, 3] (rgb_float32, before) or uint16 [S, S] (grey):")
         for size in args.image_sizes:
             for threads in args.threads:
-                rate = iterator_rate(dataset_dir, tok, size, threads, args.batch, args.batches)
-                print(f"  @{size} px, {threads} thread(s): {rate:.1f} examples/s "
-                      f"({args.batch / rate * 1e3:.0f} ms per batch)")
+                compare_transfers(dataset_dir, tok, size, threads, args)
 
 
 if __name__ == "__main__":

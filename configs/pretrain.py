@@ -29,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
         mask_prob=0.8,                # meta-information masking m
         num_threads=8,
         prefetch=4,
+        transfer="grey",              # grey: uint16 [S, S] views, normalised on the device |
+                                      # rgb_float32: float32 [S, S, 3] from the host (6x the bytes)
         # SimCLR-style augmentation of both views (spec §3.4)
         crop_scale=(0.1, 1.0),
         hflip=0.5,

@@ -12,6 +12,12 @@ larger than the output, the region is first area-downsampled by a whole factor.
 
 ColorJitter's saturation and hue and RandomGrayscale are no-ops on a grey image with
 three identical channels, so only brightness and contrast are applied.
+
+Two outputs: eval_view / train_view give the grey view as uint16 [S, S], what the input
+pipeline sends to the device (2 bytes a pixel; the ViT normalises it and, its three input
+channels being equal, sums the patch kernel over them: models/vit.py). eval_transform /
+train_transform give the same view normalised on the host, float32 [S, S, 3] in [-1, 1]
+(12 bytes a pixel), for callers that hand the tower arrays of their own.
 """
 
 from __future__ import annotations
@@ -54,22 +60,40 @@ def _to_model_input(gray01: np.ndarray) -> np.ndarray:
     return cv2.merge([gray01, gray01, gray01])
 
 
-def eval_geometry(image_u16: np.ndarray, image_size: int) -> np.ndarray:
+def eval_view(image_u16: np.ndarray, image_size: int) -> np.ndarray:
     """Long side -> image_size (area when shrinking, linear when growing), centred
-    zero pad; float32 [S, S] in [0, 1]."""
+    zero pad; uint16 [S, S], the grey view the device normalises (one channel)."""
     image = _check_image(image_u16)
     h, w, top, left = canvas_layout(*image.shape, image_size)
     grow = h > image.shape[0] or w > image.shape[1]
     resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR if grow else cv2.INTER_AREA)
-    canvas = np.zeros((image_size, image_size), np.float32)
-    np.multiply(resized, np.float32(1.0 / UINT16_MAX), out=canvas[top:top + h, left:left + w],
-                casting="unsafe")
+    canvas = np.zeros((image_size, image_size), np.uint16)
+    canvas[top:top + h, left:left + w] = resized
     return canvas
 
 
+def eval_geometry(image_u16: np.ndarray, image_size: int) -> np.ndarray:
+    """eval_view as float32 [S, S] in [0, 1]."""
+    return _unit(eval_view(image_u16, image_size))
+
+
 def eval_transform(image_u16: np.ndarray, image_size: int) -> np.ndarray:
-    """Eval input: eval geometry, 3 channels, normalised to [-1, 1]; float32 [S, S, 3]."""
+    """Eval input normalised on the host: 3 channels in [-1, 1]; float32 [S, S, 3]."""
     return _to_model_input(eval_geometry(image_u16, image_size))
+
+
+def _unit(view_u16: np.ndarray) -> np.ndarray:
+    x = view_u16.astype(np.float32)
+    x *= np.float32(1.0 / UINT16_MAX)
+    return x
+
+
+def to_uint16(gray01: np.ndarray) -> np.ndarray:
+    """[0, 1] float32 (overwritten) -> uint16, rounded: a step of 1/65535, far below the
+    bf16 resolution of the tower's input (2^-8 near 1)."""
+    gray01 *= np.float32(UINT16_MAX)
+    gray01 += np.float32(0.5)
+    return gray01.astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------- train
@@ -116,13 +140,14 @@ def _axis_map(crop_start: float, crop_len: int, size: int, offset: int, scale: f
 
 def _warp_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int,
                hflip: bool, vflip: bool) -> np.ndarray:
-    """The canvas crop `box` resized to size x size (and flipped), from the stored image."""
+    """The canvas crop `box` resized to size x size (and flipped), from the stored image;
+    uint16 [size, size]."""
     top, left, ch, cw = box
     h, w, off_y, off_x = canvas_layout(*image.shape, size)
     ax, bx, x0, x1 = _axis_map(left, cw, size, off_x, image.shape[1] / w, hflip, image.shape[1])
     ay, by, y0, y1 = _axis_map(top, ch, size, off_y, image.shape[0] / h, vflip, image.shape[0])
     if x1 <= x0 or y1 <= y0:  # the crop lies in the padding only
-        return np.zeros((size, size), np.float32)
+        return np.zeros((size, size), np.uint16)
     roi = image[y0:y1, x0:x1]
     bx, by = bx - x0, by - y0
     # Shrinking: area-downsample the region by whole factors first (cv2's fast path), so
@@ -139,11 +164,8 @@ def _warp_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int,
         ax, bx = ax / kx, (bx + 0.5) / kx - 0.5
         ay, by = ay / ky, (by + 0.5) / ky - 0.5
     m = np.array([[ax, 0.0, bx], [0.0, ay, by]], np.float64)
-    out = cv2.warpAffine(roi, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    x = out.astype(np.float32)
-    x *= np.float32(1.0 / UINT16_MAX)
-    return x
+    return cv2.warpAffine(roi, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def _brightness(x: np.ndarray, factor: float) -> np.ndarray:
@@ -163,14 +185,10 @@ def _jitter_range(strength: float) -> tuple[float, float]:
     return max(0.0, 1.0 - strength), 1.0 + strength
 
 
-def train_transform(image_u16: np.ndarray, image_size: int, rng: np.random.Generator,
-                    cfg: Any) -> np.ndarray:
-    """One random view: crop (cfg.crop_scale, cfg.crop_ratio) of the eval canvas resized
-    back to S, h/v flips, brightness/contrast jitter (cfg.jitter_prob), Gaussian blur
-    (kernel 7, cfg.blur_sigma, cfg.blur_prob); float32 [S, S, 3] in [-1, 1].
-
-    Every draw comes from `rng` in a fixed order, so one seed gives one view.
-    """
+def _augment(image_u16: np.ndarray, image_size: int, rng: np.random.Generator, cfg: Any
+             ) -> np.ndarray:
+    """One random view: uint16 [S, S] when no jitter or blur was drawn (the warp's own
+    output), else float32 [S, S] in [0, 1]."""
     image = _check_image(image_u16)
     box = random_resized_crop_box(rng, image_size, cfg.crop_scale, cfg.crop_ratio)
     hflip = rng.random() < cfg.hflip
@@ -178,6 +196,7 @@ def train_transform(image_u16: np.ndarray, image_size: int, rng: np.random.Gener
     x = _warp_crop(image, box, image_size, hflip, vflip)
 
     if rng.random() < cfg.jitter_prob:
+        x = _unit(x)
         b = rng.uniform(*_jitter_range(cfg.brightness))
         c = rng.uniform(*_jitter_range(cfg.contrast))
         if rng.random() < 0.5:  # torchvision applies the jitters in a random order
@@ -186,6 +205,26 @@ def train_transform(image_u16: np.ndarray, image_size: int, rng: np.random.Gener
             x = _brightness(_contrast(x, c), b)
     if rng.random() < cfg.blur_prob:
         sigma = rng.uniform(*cfg.blur_sigma)
-        x = cv2.GaussianBlur(x, (BLUR_KERNEL, BLUR_KERNEL), sigmaX=sigma, sigmaY=sigma,
-                             borderType=cv2.BORDER_REFLECT_101)
-    return _to_model_input(x)
+        x = cv2.GaussianBlur(_unit(x) if x.dtype == np.uint16 else x, (BLUR_KERNEL, BLUR_KERNEL),
+                             sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+    return x
+
+
+def train_view(image_u16: np.ndarray, image_size: int, rng: np.random.Generator,
+               cfg: Any) -> np.ndarray:
+    """One random view (train_transform's draws) as uint16 [S, S] for the device to
+    normalise; equal to train_transform's view within 1/65535 before normalisation."""
+    x = _augment(image_u16, image_size, rng, cfg)
+    return x if x.dtype == np.uint16 else to_uint16(x)
+
+
+def train_transform(image_u16: np.ndarray, image_size: int, rng: np.random.Generator,
+                    cfg: Any) -> np.ndarray:
+    """One random view: crop (cfg.crop_scale, cfg.crop_ratio) of the eval canvas resized
+    back to S, h/v flips, brightness/contrast jitter (cfg.jitter_prob), Gaussian blur
+    (kernel 7, cfg.blur_sigma, cfg.blur_prob); float32 [S, S, 3] in [-1, 1].
+
+    Every draw comes from `rng` in a fixed order, so one seed gives one view.
+    """
+    x = _augment(image_u16, image_size, rng, cfg)
+    return _to_model_input(_unit(x) if x.dtype == np.uint16 else x)

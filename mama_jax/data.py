@@ -27,11 +27,28 @@ import cv2
 import grain
 import numpy as np
 
-from mama_jax import captions
+from mama_jax import augment, captions
 from mama_jax.augment import eval_transform, train_transform  # noqa: F401  (public API)
 from mama_jax.models.tokenizer import TextTokenizer, encode_caption
 from mama_jax.study_index import SECOND_VIEWS, index_fields, study_index  # noqa: F401 (public API)
 
+
+
+# grey: uint16 [S, S], 2 bytes a pixel; the ViT normalises on the device (models/vit.py).
+# rgb_float32: float32 [S, S, 3] in [-1, 1] normalised on the host (12 bytes a pixel).
+TRANSFERS = ("grey", "rgb_float32")
+
+
+def train_view(image_u16: np.ndarray, rng: np.random.Generator, cfg: "DataConfig") -> np.ndarray:
+    """One augmented view in the form cfg.transfer names."""
+    make = augment.train_view if cfg.transfer == "grey" else augment.train_transform
+    return make(image_u16, cfg.image_size, rng, cfg)
+
+
+def eval_view(image_u16: np.ndarray, cfg: "DataConfig") -> np.ndarray:
+    """The eval view in the form cfg.transfer names."""
+    make = augment.eval_view if cfg.transfer == "grey" else augment.eval_transform
+    return make(image_u16, cfg.image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +73,11 @@ class DataConfig:
     contrast: float = 0.8
     blur_prob: float = 0.4
     blur_sigma: tuple = (0.1, 2.0)
+    transfer: str = "grey"               # one of TRANSFERS: how a view travels to the device
 
     def __post_init__(self):
+        if self.transfer not in TRANSFERS:
+            raise ValueError(f"DataConfig.transfer {self.transfer!r} not in {TRANSFERS}")
         if self.second_view not in SECOND_VIEWS:
             raise ValueError(f"DataConfig.second_view {self.second_view!r} not in {SECOND_VIEWS}")
         if self.caption_style not in captions.STYLES:
@@ -169,8 +189,8 @@ class TrainExample:
         caption = captions.build_caption(record, style=cfg.caption_style,
                                          mask_prob=cfg.mask_prob, rng=rng)
         return {
-            "view1": train_transform(record["image"], cfg.image_size, rng, cfg),
-            "view2": train_transform(image2, cfg.image_size, rng, cfg),
+            "view1": train_view(record["image"], rng, cfg),
+            "view2": train_view(image2, rng, cfg),
             **self.captioner(caption),
             **_labels(record),
             "index": np.int32(index),
@@ -197,7 +217,7 @@ class EvalExample:
             text = self.captioner(captions.build_caption(record, style=self.cfg.caption_style,
                                                          mask_prob=0.0))
         return {
-            "view1": eval_transform(record["image"], self.cfg.image_size),
+            "view1": eval_view(record["image"], self.cfg),
             **text,
             **_labels(record),
             "index": np.int32(index if valid else -1),
@@ -269,7 +289,8 @@ def train_iterator(cfg: DataConfig, tokenizer: TextTokenizer, *, process_index: 
                    process_count: int = 1) -> grain.DatasetIterator:
     """Endless iterator of this host's train batches (global_batch_size // process_count).
 
-    Batch: view1, view2 float32 [B, S, S, 3]; input_ids, attention_mask int32 [B, L];
+    Batch: view1, view2 uint16 [B, S, S] (float32 [B, S, S, 3] with cfg.transfer
+    rgb_float32); input_ids, attention_mask int32 [B, L];
     truncated bool [B]; birads, density (class 0..3), cancer int32 [B] (-1 unknown);
     index int32 [B] (record index in the train split); view2_index int32 [B] (record of
     the second view; == index for a self view). get_state()/set_state() resume exactly;

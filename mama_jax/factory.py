@@ -40,7 +40,8 @@ def data_config(cfg, *, seed: int | None = None) -> data.DataConfig:
         caption_style=d.caption_style, mask_prob=d.mask_prob,
         seed=cfg.seed if seed is None else seed, num_threads=d.num_threads, prefetch=d.prefetch,
         crop_scale=tuple(d.crop_scale), hflip=d.hflip, vflip=d.vflip, jitter_prob=d.jitter_prob,
-        brightness=d.brightness, contrast=d.contrast, blur_prob=d.blur_prob)
+        brightness=d.brightness, contrast=d.contrast, blur_prob=d.blur_prob,
+        transfer=d.get("transfer", "grey"))  # configs saved before the option: grey
 
 
 def clip_kind(cfg) -> str:

@@ -3,11 +3,12 @@
 import dataclasses
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from data_prep import build, synthetic
-from mama_jax import captions, data
+from mama_jax import augment, captions, data
 from mama_jax.models import tokenizer as tokenizer_lib
 
 S, BATCH, MAX_LEN = 56, 4, 256
@@ -132,7 +133,7 @@ def test_choose_second_view_rules_and_p_self_rate(strategy):
 
 def test_train_batch_shapes_dtypes_ranges(cfg, tok, train_records):
     batch = next(data.train_iterator(cfg, tok))
-    expect = {"view1": ((BATCH, S, S, 3), np.float32), "view2": ((BATCH, S, S, 3), np.float32),
+    expect = {"view1": ((BATCH, S, S), np.uint16), "view2": ((BATCH, S, S), np.uint16),
               "input_ids": ((BATCH, MAX_LEN), np.int32), "attention_mask": ((BATCH, MAX_LEN), np.int32),
               "truncated": ((BATCH,), np.bool_), "birads": ((BATCH,), np.int32),
               "density": ((BATCH,), np.int32), "cancer": ((BATCH,), np.int32),
@@ -140,8 +141,6 @@ def test_train_batch_shapes_dtypes_ranges(cfg, tok, train_records):
     assert set(batch) == set(expect)
     for key, (shape, dtype) in expect.items():
         assert batch[key].shape == shape and batch[key].dtype == dtype, key
-    for key in ("view1", "view2"):
-        assert batch[key].min() >= -1.0 and batch[key].max() <= 1.0
     assert not np.array_equal(batch["view1"], batch["view2"])
     for row, i in enumerate(batch["index"]):
         r = train_records[i]
@@ -265,7 +264,8 @@ def test_eval_sees_every_record_once_with_valid_mask(cfg, tok, dataset_dir):
                                           batch_size=2))
         per_host.append(batches)
         for b in batches:
-            assert b["view1"].shape == (2, S, S, 3) and b["valid"].dtype == np.bool_
+            assert b["view1"].shape == (2, S, S) and b["view1"].dtype == np.uint16
+            assert b["valid"].dtype == np.bool_
             assert "view2" not in b
             assert np.all((b["index"] == -1) == ~b["valid"])
     assert len({len(b) for b in per_host}) == 1  # every host steps the same number of times
@@ -279,7 +279,32 @@ def test_eval_uses_eval_transform_and_unmasked_captions(cfg, tok, dataset_dir):
     batch = next(data.eval_iterator(cfg, tok, "test", batch_size=3))
     for row, i in enumerate(batch["index"]):
         record = source[int(i)]
-        np.testing.assert_array_equal(batch["view1"][row], data.eval_transform(record["image"], S))
+        np.testing.assert_array_equal(batch["view1"][row], augment.eval_view(record["image"], S))
         want = tokenizer_lib.encode_caption(tok, captions.build_caption(record), MAX_LEN)
         np.testing.assert_array_equal(batch["input_ids"][row], want.input_ids)
         np.testing.assert_array_equal(batch["attention_mask"][row], want.attention_mask)
+
+
+def _device_input(grey):
+    """What the ViT feeds its patch kernel from a grey batch (models/vit.py), per channel."""
+    return np.asarray(grey.astype(jnp.float32) * jnp.float32(2.0 / 65535.0) - jnp.float32(1.0))
+
+
+def test_grey_transfer_gives_the_tower_the_host_normalised_input(cfg, tok, dataset_dir):
+    rgb = dataclasses.replace(cfg, transfer="rgb_float32")
+    for grey_it, rgb_it, bound in (
+            # eval: the same uint16 view; only float32 rounding of 2 k / 65535 - 1 differs
+            (data.eval_iterator(cfg, tok, "test", batch_size=3),
+             data.eval_iterator(rgb, tok, "test", batch_size=3), 1e-6),
+            # train: a jittered or blurred view is rounded to uint16, half a step of 2 / 65535
+            (data.train_iterator(cfg, tok), data.train_iterator(rgb, tok), 1 / 65535 + 1e-6)):
+        grey, host = next(grey_it), next(rgb_it)
+        assert grey["view1"].dtype == np.uint16 and host["view1"].shape == grey["view1"].shape + (3,)
+        assert 6 * grey["view1"].nbytes == host["view1"].nbytes
+        np.testing.assert_array_equal(grey["index"], host["index"])
+        for key in [k for k in ("view1", "view2") if k in grey]:
+            np.testing.assert_allclose(_device_input(grey[key]), host[key][..., 0], rtol=0,
+                                       atol=bound, err_msg=key)
+            assert (host[key] == host[key][..., :1]).all()  # three equal channels
+    with pytest.raises(ValueError, match="DataConfig.transfer"):
+        dataclasses.replace(cfg, transfer="uint8")

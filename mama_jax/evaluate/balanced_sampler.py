@@ -20,7 +20,7 @@ import cv2
 import grain
 import numpy as np
 
-from mama_jax import augment, data
+from mama_jax import data
 
 _DRAW, _AUGMENT = 0, 1  # separate random streams for choosing images and augmenting them
 
@@ -69,15 +69,14 @@ class _TrainExample:
         position = self.process_index * self.per_host + j  # hosts own consecutive batch slices
         index = int(self.sampler.indices(step, self.cfg.global_batch_size)[position])
         rng = np.random.default_rng([self.sampler.seed, _AUGMENT, step, position])
-        image = augment.train_transform(self.source[index]["image"], self.cfg.image_size, rng,
-                                        self.cfg)
+        image = data.train_view(self.source[index]["image"], rng, self.cfg)
         return {"image": image, "label": np.int32(self.labels[index]), "index": np.int32(index)}
 
 
 def train_batches(cfg: data.DataConfig, source: Sequence, labels: np.ndarray,
                   sampler: BalancedSampler, start_step: int, steps: int, *,
                   process_index: int = 0, process_count: int = 1):
-    """This host's batches for steps start_step .. steps-1: image float32 [b, S, S, 3],
+    """This host's batches for steps start_step .. steps-1: image (data.train_view's form),
     label int32 [b], index int32 [b], b = cfg.global_batch_size // process_count."""
     if cfg.global_batch_size % process_count:
         raise ValueError(f"batch size {cfg.global_batch_size} is not divisible by the "

@@ -115,7 +115,8 @@ def record_fields(source, keys: Sequence[str]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- embeddings
 
 def image_embed_fn(graphdef):
-    """Jitted (state, images [B, S, S, 3]) -> (e_I(x) [B, d] fp32, g(x) [B, Dv] fp32).
+    """Jitted (state, images: grey uint16 [B, S, S] or [B, S, S, 3]) ->
+    (e_I(x) [B, d] fp32, g(x) [B, Dv] fp32).
 
     The state is an argument, not a closure constant, so XLA does not fold the weights
     into the program, and one compiled program serves every new state (pretraining's
@@ -131,7 +132,8 @@ def image_embed_fn(graphdef):
 
 
 def image_embedder(model):
-    """Jitted images [B, S, S, 3] -> (e_I(x) [B, d] fp32, g(x) [B, Dv] fp32)."""
+    """Jitted images (grey uint16 [B, S, S] or [B, S, S, 3]) ->
+    (e_I(x) [B, d] fp32, g(x) [B, Dv] fp32)."""
     graphdef, state = nnx.split(model)
     embed = image_embed_fn(graphdef)
     return lambda images: embed(state, images)

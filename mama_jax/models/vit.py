@@ -231,14 +231,33 @@ class VisionTransformer(nnx.Module):
                                     antialias=cfg.pos_antialias, precision=jax.lax.Precision.HIGHEST)
         return jnp.concatenate([table[:, :1], grid.reshape(1, grid_h * grid_w, d)], axis=1)
 
+    def _grey_patch_embed(self, grey: jax.Array) -> jax.Array:
+        """uint16 [B, H, W] (0..65535) -> patch embeddings [B, h, w, D].
+
+        The host used to send float32 [B, H, W, C] holding C copies of 2 x / 65535 - 1;
+        that normalisation happens here, and since the C channels are equal the kernel is
+        summed over them: the same maths with a C-th of this layer's FLOPs and input bytes.
+        """
+        conv, p = self.patch_embed, self.cfg.patch_size
+        x = grey.astype(jnp.float32) * jnp.float32(2.0 / 65535.0) - jnp.float32(1.0)
+        kernel = conv.kernel[...].astype(jnp.float32).sum(axis=2, keepdims=True)
+        dtype = self.cfg.dtype
+        y = jax.lax.conv_general_dilated(x[..., None].astype(dtype), kernel.astype(dtype), (p, p),
+                                         "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + conv.bias[...].astype(dtype)
+
     def embed(self, images: jax.Array) -> jax.Array:
-        """[B, H, W, C] -> tokens [B, 1 + R + h*w, D] in the compute dtype."""
+        """[B, H, W, C] in [-1, 1], or grey uint16 [B, H, W] -> tokens [B, 1 + R + h*w, D]
+        in the compute dtype."""
         cfg = self.cfg
-        if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
-            raise ValueError(f"VisionTransformer: expected images [B, H, W, {cfg.in_channels}], "
-                             f"got shape {images.shape}")
-        b, height, width, _ = images.shape
-        x = self.patch_embed(images)  # [B, h, w, D]
+        if images.ndim == 3 and images.dtype == jnp.uint16:
+            x = self._grey_patch_embed(images)  # [B, h, w, D]
+        elif images.ndim == 4 and images.shape[-1] == cfg.in_channels:
+            x = self.patch_embed(images)
+        else:
+            raise ValueError(f"VisionTransformer: expected images [B, H, W, {cfg.in_channels}] "
+                             f"or grey uint16 [B, H, W], got {images.dtype} {images.shape}")
+        b, height, width = images.shape[:3]
         _, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))

@@ -97,6 +97,21 @@ def test_transformers_parity(hf_models, kind):
         assert max(diffs.values()) <= TOL, (kind, (h, w), diffs)
 
 
+def test_grey_uint16_input_equals_three_normalised_channels(hf_models):
+    """The pipeline's grey uint16 view, normalised in the tower with the patch kernel summed
+    over its equal channels, against transformers fed the host's float32 [B, H, W, 3]."""
+    hf_model, folder = hf_models["reg"]
+    model = load_dinov2(folder)
+    grey = np.random.default_rng(1).integers(0, 65536, (2, 56, 70), dtype=np.uint16)
+    host = (grey.astype(np.float32) * np.float32(1 / 65535)) * np.float32(2) - np.float32(1)
+    post, pre = _torch_features(hf_model, np.repeat(host[..., None], 3, axis=-1))
+    out = _forward(model, jnp.asarray(grey))
+    assert float(np.abs(np.asarray(out.prenorm) - pre).max()) <= TOL
+    assert float(np.abs(np.asarray(out.cls) - post[:, 0]).max()) <= TOL
+    with pytest.raises(ValueError, match="grey uint16"):
+        model(jnp.zeros((2, 56, 56), jnp.float32))  # grey must be the record's uint16
+
+
 def _hf_to_hub(state: dict) -> dict:
     """Rename a transformers Dinov2 state dict to torch-hub DinoVisionTransformer names."""
     top = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
