@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import mama_jax
+from configs import export as export_config
 from mama_jax import captions, data, export, factory
 from mama_jax.augment import eval_transform
 from mama_jax.evaluate import restore
@@ -23,8 +24,8 @@ from mama_jax.models import tokenizer as tok_lib
 def exported(pretrained_workdir, tmp_path_factory):
     """(package path, the checkpoint's model, its tokenizer, its pretraining config)."""
     job_dir = str(tmp_path_factory.mktemp("export_job"))
-    cfg = ml_collections.ConfigDict(dict(mode="export", pretrain_workdir=pretrained_workdir,
-                                         out_dir="", step=-1))
+    cfg = export_config.get_config()
+    cfg.pretrain_workdir = pretrained_workdir
     result = export.run(cfg, job_dir)
     assert result["out_dir"] == os.path.join(job_dir, "export") and result["step"] == 3
     model, tok, _ = restore.restore_model(pretrained_workdir)
@@ -114,7 +115,7 @@ def test_plain_unscanned_tower_exports_as_dinov2model(tmp_path):
     from transformers import AutoModel, Dinov2Model
 
     from mama_jax.models import vit as vit_lib
-    from mama_jax.models.export_hf import export_dinov2_hf
+    from mama_jax.export.hf import export_dinov2_hf
 
     cfg = vit_lib.vit_config("tiny", num_registers=0, scan_layers=False)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: vit_lib.VisionTransformer(cfg, rngs=nnx.Rngs(0))))

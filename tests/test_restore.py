@@ -61,7 +61,7 @@ def test_vision_restore_takes_only_the_architecture_from_vit_weights(pretrained_
     """A run started from DINOv2 weights: restoring its ViT reads the source's config, not
     its weights (the checkpoint overwrites every one of them)."""
     from mama_jax.models import convert_dinov2
-    from mama_jax.models.export_hf import export_dinov2_hf
+    from mama_jax.export.hf import export_dinov2_hf
 
     want, _ = restore.restore_vision(pretrained_workdir)
     source = export_dinov2_hf(want, str(tmp_path / "dinov2"))  # stands in for the source weights
