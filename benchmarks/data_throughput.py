@@ -1,4 +1,4 @@
-"""Input pipeline throughput: mama_jax.data.train_iterator examples/s by image size and threads,
+"""Input pipeline throughput: mama_jax.input.pipeline.train_iterator examples/s by image size and threads,
 for views sent to the device as float32 [S, S, 3] (transfer rgb_float32, the path before)
 and as uint16 [S, S] (grey, normalised on the device), with the bytes of a batch.
 
@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep import build, synthetic  # noqa: E402
-from mama_jax import captions, data  # noqa: E402
-from mama_jax.models import tokenizer as tok_lib  # noqa: E402
+from mama_jax.input import captions, pipeline  # noqa: E402
+from mama_jax.input import tokenizer as tok_lib  # noqa: E402
 
 
 def make_dataset(work: str, patients: int, phantom_size: tuple[int, int]) -> str:
@@ -61,10 +61,10 @@ def per_record_costs(source, tok, image_sizes, n: int) -> None:
     rng = np.random.default_rng(0)
     for size in image_sizes:
         for transfer in ("rgb_float32", "grey"):
-            cfg = data.DataConfig(dataset_dir="", image_size=size, transfer=transfer)
+            cfg = pipeline.DataConfig(dataset_dir="", image_size=size, transfer=transfer)
             t0 = time.perf_counter()
             for r in records:
-                data.train_view(r["image"], rng, cfg)
+                pipeline.train_view(r["image"], rng, cfg)
             print(f"augment one view @{size} ({transfer}): "
                   f"{(time.perf_counter() - t0) / n * 1e3:.1f} ms")
     t0 = time.perf_counter()
@@ -76,9 +76,9 @@ def per_record_costs(source, tok, image_sizes, n: int) -> None:
 def iterator_rate(dataset_dir: str, tok, size: int, threads: int, batch: int, batches: int,
                   transfer: str) -> tuple[float, int]:
     """(examples/s, bytes of the batch's arrays) of train_iterator after a warm-up batch."""
-    cfg = data.DataConfig(dataset_dir=dataset_dir, image_size=size, global_batch_size=batch,
+    cfg = pipeline.DataConfig(dataset_dir=dataset_dir, image_size=size, global_batch_size=batch,
                           max_length=144, num_threads=threads, prefetch=2, transfer=transfer)
-    it = data.train_iterator(cfg, tok)
+    it = pipeline.train_iterator(cfg, tok)
     next(it)  # opens the source, builds the study index, starts the threads
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -92,7 +92,7 @@ def iterator_rate(dataset_dir: str, tok, size: int, threads: int, batch: int, ba
 
 def compare_transfers(dataset_dir: str, tok, size: int, threads: int, args) -> None:
     """Both transfers, interleaved args.repeats times (a busy host slows both alike); medians."""
-    rates = {t: [] for t in data.TRANSFERS}
+    rates = {t: [] for t in pipeline.TRANSFERS}
     nbytes = {}
     for _ in range(args.repeats):
         for transfer in ("rgb_float32", "grey"):
@@ -125,7 +125,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         dataset_dir = args.dataset_dir or make_dataset(work, args.patients, tuple(args.phantom_size))
-        source = data.open_split(dataset_dir, "train")
+        source = pipeline.open_split(dataset_dir, "train")
         tok = tokenizer_for(source, os.path.join(work, "tokenizer"))
         print(f"dataset: {dataset_dir} ({len(source)} train records); {os.cpu_count()} CPU cores")
         per_record_costs(source, tok, args.image_sizes, args.records)

@@ -30,9 +30,10 @@ def random_package(out_dir: str, *, vit: str, registers: int, image_size: int, d
     import json
 
     from configs import demo
-    from mama_jax import captions, factory
+    from mama_jax import factory
+    from mama_jax.input import captions
     from mama_jax.export.package import write_package
-    from mama_jax.models import tokenizer as tok_lib
+    from mama_jax.input import tokenizer as tok_lib
 
     cfg = demo.get_config()
     cfg.model.update(dict(vit=vit, num_registers=registers, text="tiny", random_init=True,

@@ -42,7 +42,8 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo, pretrain  # noqa: E402
 from mama_jax import factory, sharding, train  # noqa: E402
-from mama_jax.models import text as text_lib, tokenizer as tok_lib  # noqa: E402
+from mama_jax.models import text as text_lib
+from mama_jax.input import tokenizer as tok_lib  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip: (name, device_kind substrings, peak); first match wins
 # ("TPU v5 lite" is v5e's device_kind, "TPU v5" v5p's).

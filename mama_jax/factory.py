@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mama_jax import captions, data, losses, sharding
-from mama_jax.models import convert, mama, text, tokenizer as tok_lib, vit
+from mama_jax import losses, sharding
+from mama_jax.input import captions, pipeline
+from mama_jax.models import convert, mama, text, vit
+from mama_jax.input import tokenizer as tok_lib
 from mama_jax.models.lora import LoRAConfig
 
 
@@ -29,12 +31,12 @@ def require_path(value: str, field: str, how: str) -> str:
     return value
 
 
-def data_config(cfg, *, seed: int | None = None) -> data.DataConfig:
+def data_config(cfg, *, seed: int | None = None) -> pipeline.DataConfig:
     d = cfg.data
     require_path(d.dataset_dir, "data.dataset_dir",
                  "build a dataset with `python -m data_prep build ... --out OUT` and pass "
                  "--config.data.dataset_dir=OUT/tfds/mammography/<dataset>/1.0.0")
-    return data.DataConfig(
+    return pipeline.DataConfig(
         dataset_dir=d.dataset_dir, image_size=d.image_size, global_batch_size=d.global_batch_size,
         max_length=d.max_length, second_view=d.second_view, p_self=d.p_self,
         caption_style=d.caption_style, mask_prob=d.mask_prob,
@@ -77,7 +79,7 @@ def tokenizer(cfg, workdir: str) -> tok_lib.TextTokenizer:
                           "(e.g. the BioMedLM folder) or a hub id")
     folder = os.path.join(workdir, "tokenizer")
     if jax.process_index() == 0 and not os.path.exists(os.path.join(folder, "tokenizer_config.json")):
-        source = data.open_split(data_config(cfg).dataset_dir, "train")
+        source = pipeline.open_split(data_config(cfg).dataset_dir, "train")
         texts = [captions.build_caption(source[i], style="structured_nomask")
                  for i in range(len(source))]
         texts += [p for task in ("birads", "density") for p in captions.zero_shot_prompts(task, prefix="none")]

@@ -10,7 +10,7 @@ evaluation. Rows: one per image (keyed by path and SOP Instance UID, or the data
 anonymised ids from --ids: a CSV with columns path, image_id, study_id), one per breast
 (study + laterality) and one per study, each naming its aggregation rule, and one per
 file that could not be read, with the reason. CSV columns prob_0..prob_{C-1} follow
-the task's class order (mama_jax.captions.CLASS_NAMES); JSONL rows hold `probs`, and
+the task's class order (mama_jax.input.captions.CLASS_NAMES); JSONL rows hold `probs`, and
 its first line names the classes. No other DICOM header value is ever read into a row.
 """
 

@@ -15,7 +15,8 @@ import os
 import jax
 from flax import nnx
 
-from mama_jax.models import mama, tokenizer as tok_lib
+from mama_jax.models import mama
+from mama_jax.input import tokenizer as tok_lib
 
 MODEL_DIR = "model"
 CONFIG_FILE = "model.json"

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mama_jax import (checkpoint, data, factory, grad_cache, loop, losses, metrics, optim,
-                      run_model, sharding, train_state)
+from mama_jax import (checkpoint, factory, grad_cache, loop, losses, metrics, optim, run_model, sharding, train_state)
+from mama_jax.input import pipeline
 from mama_jax.models import mama
 
 STEP_INPUTS = ("view1", "view2", "input_ids", "attention_mask")
@@ -135,7 +135,7 @@ def train(cfg, workdir: str, *, evaluate=None) -> dict:
     run_model.write(workdir, model.cfg, tok)  # evaluation rebuilds the model from this alone
     run = Run.create(cfg, model, mesh)
     del model
-    iterator = data.train_iterator(data_cfg, tok, process_index=proc, process_count=n_proc)
+    iterator = pipeline.train_iterator(data_cfg, tok, process_index=proc, process_count=n_proc)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    keep=cfg.train.keep_checkpoints)
     start = ckpt.latest_step() or 0

@@ -5,14 +5,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mama_jax import augment, data
+from mama_jax.input import augment, pipeline
 
 S = 56
 
 
 def Aug(**overrides):
     """The pipeline's own config; augment only reads its augmentation fields."""
-    return data.DataConfig(dataset_dir="", **overrides)
+    return pipeline.DataConfig(dataset_dir="", **overrides)
 
 
 # Full canvas, no randomness left: train must reduce to the eval geometry.

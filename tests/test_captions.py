@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from mama_jax import captions as cap
+from mama_jax.input import captions as cap
 
 
 def _record(**overrides):
@@ -278,7 +278,7 @@ def test_cancer_prompts_have_no_prefix():
 def test_sentence_count_matches_tokenizer_seps(tmp_path):
     """count_sentences is the number of SEP tokens the caption tokenizer emits."""
     pytest.importorskip("transformers")
-    from mama_jax.models import tokenizer as tk
+    from mama_jax.input import tokenizer as tk
 
     texts = [cap.build_caption(_record(), style=s) for s in cap.STYLES]
     texts += cap.zero_shot_prompts("birads", _record()) + cap.zero_shot_prompts("cancer")

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from mama_jax import checkpoint, data, factory, optim, sharding, train
+from mama_jax import checkpoint, factory, optim, sharding, train
+from mama_jax.input import pipeline
 from tests import tolerances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,7 @@ def _restore_run(cfg, workdir, step, mesh):
     """A Run on `mesh` restored from workdir's checkpoint `step`, with its data iterator."""
     tok = factory.tokenizer(cfg, workdir)
     run = train.Run.create(cfg, factory.model(cfg, tok), mesh)
-    iterator = data.train_iterator(factory.data_config(cfg), tok)
+    iterator = pipeline.train_iterator(factory.data_config(cfg), tok)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     run.restore(ckpt, step, iterator)
     ckpt.close()
@@ -163,11 +164,11 @@ def test_checkpoint_from_8_devices_continues_on_2_and_1(tiny_dataset, pretrained
 
 
 def test_input_position_maps_across_host_counts(tiny_dataset, tmp_path):
-    """A host's position x its host count is the global position (data.HostBlock)."""
+    """A host's position x its host count is the global position (pipeline.HostBlock)."""
     cfg = factory.data_config(_config(tiny_dataset))
     tok = factory.tokenizer(_config(tiny_dataset), str(tmp_path))
-    single = data.train_iterator(cfg, tok)
-    halves = [data.train_iterator(cfg, tok, process_index=p, process_count=2) for p in (0, 1)]
+    single = pipeline.train_iterator(cfg, tok)
+    halves = [pipeline.train_iterator(cfg, tok, process_index=p, process_count=2) for p in (0, 1)]
     for _ in range(2):
         whole = next(single)["index"]
         parts = np.concatenate([next(h)["index"] for h in halves])

@@ -13,11 +13,12 @@ import pytest
 
 import mama_jax
 from configs import export as export_config
-from mama_jax import captions, data, export, factory
-from mama_jax.augment import eval_transform
+from mama_jax import export, factory
+from mama_jax.input import captions, pipeline
+from mama_jax.input.augment import eval_transform
 from mama_jax.evaluate import restore
 from mama_jax.losses import l2_normalize
-from mama_jax.models import tokenizer as tok_lib
+from mama_jax.input import tokenizer as tok_lib
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def exported(pretrained_workdir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def records(exported):
     _, _, _, cfg = exported
-    source = data.open_split(cfg.data.dataset_dir, "test")
+    source = pipeline.open_split(cfg.data.dataset_dir, "test")
     return [source[i] for i in range(min(3, len(source)))]
 
 

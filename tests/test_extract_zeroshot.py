@@ -10,10 +10,11 @@ from flax import nnx
 
 from configs import extract as extract_config
 from configs import zeroshot as zeroshot_config
-from mama_jax import captions, data, factory
-from mama_jax.augment import eval_transform
+from mama_jax import factory
+from mama_jax.input import captions, pipeline
+from mama_jax.input.augment import eval_transform
 from mama_jax.evaluate import extract, metrics, restore, zeroshot
-from mama_jax.models.tokenizer import encode_captions
+from mama_jax.input.tokenizer import encode_captions
 
 
 def _text(v):
@@ -56,7 +57,7 @@ def test_extract_writes_every_record(pretrained_workdir, tiny_dataset, model_and
     cfg.splits = ("test",)
     cfg.batch_size = 3  # 4 records: the last batch is padded
     result = extract.run(cfg, str(tmp_path))
-    source = data.open_split(tiny_dataset, "test")
+    source = pipeline.open_split(tiny_dataset, "test")
     with np.load(os.path.join(tmp_path, "embeddings_test.npz")) as z:
         arrays = {k: z[k] for k in z.files}
     n = len(source)
@@ -72,7 +73,7 @@ def test_extract_writes_every_record(pretrained_workdir, tiny_dataset, model_and
             assert arrays[k][i] == _text(record[k]), k
         for k in extract.FLAG_FIELDS + ("birads", "cancer"):
             assert arrays[k][i] == int(record[k]), k
-        assert arrays["density"][i] == data.density_label(int(record["density"]))
+        assert arrays["density"][i] == pipeline.density_label(int(record["density"]))
     # the embedding of one record equals the model's own forward on its eval image
     size = restore.load_pretrain_config(pretrained_workdir).data.image_size
     image = eval_transform(source[2]["image"], size)[None]
@@ -87,7 +88,7 @@ def test_zero_shot_scores_match_a_numpy_recomputation(zs_runs, pretrained_workdi
     result, workdir = zs_runs[False]
     model, tok = model_and_tok
     pcfg = restore.load_pretrain_config(pretrained_workdir)
-    source = data.open_split(tiny_dataset, "train")
+    source = pipeline.open_split(tiny_dataset, "train")
     scale = math.exp(float(np.asarray(model.logit_scale[...])))
     for task in ("density", "birads"):
         with np.load(os.path.join(workdir, f"zeroshot_{task}_train.npz")) as z:
@@ -107,7 +108,7 @@ def test_zero_shot_scores_match_a_numpy_recomputation(zs_runs, pretrained_workdi
         np.testing.assert_allclose(per["scores"][row], scores, atol=2e-4, rtol=1e-4)
         np.testing.assert_allclose(per["probs"][row], probs, atol=1e-5)
         # the label of that image is the record's own
-        expected = data.density_label(int(record["density"])) if task == "density" else int(record["birads"])
+        expected = pipeline.density_label(int(record["density"])) if task == "density" else int(record["birads"])
         assert per["label"][row] == expected
 
 
@@ -155,7 +156,7 @@ def test_double_softmax_squashes_probabilities_not_predictions(zs_runs):
 
 
 def test_task_without_labels_is_a_clear_error(pretrained_workdir, tiny_dataset, monkeypatch, tmp_path):
-    real = data.open_split(tiny_dataset, "test")
+    real = pipeline.open_split(tiny_dataset, "test")
     unlabelled = [{**real[i], "cancer": np.int32(-1)} for i in range(len(real))]
     monkeypatch.setattr(data, "open_split", lambda dataset_dir, split: unlabelled)
     cfg = zeroshot_config.get_config()

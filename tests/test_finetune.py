@@ -13,9 +13,10 @@ from flax import nnx
 
 from configs import finetune as finetune_config
 from configs import report as report_config
-from mama_jax import checkpoint, data, factory, loop, metrics as run_metrics
-from mama_jax.evaluate import (balanced_sampler, extract, finetune, finetune_model, linear_probe,
-                               report, restore)
+from mama_jax import checkpoint, factory, loop, metrics as run_metrics
+from mama_jax.input import pipeline
+from mama_jax.evaluate import extract, finetune, finetune_model, linear_probe, report, restore
+from mama_jax.input import balanced_sampler
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -203,7 +204,7 @@ def test_task_without_labels_and_bad_configs_are_clear_errors(pretrained_workdir
     with pytest.raises(ValueError, match="unknown preset"):
         finetune_config.get_config("fast")
 
-    real_open = data.open_split
+    real_open = pipeline.open_split
 
     def unlabelled(dataset_dir, split):
         source = real_open(dataset_dir, split)
@@ -231,7 +232,7 @@ def test_sgd_probe_trains_the_head_only_on_a_patient_sample_and_reaches_the_repo
     assert not os.path.exists(os.path.join(workdir, "finetune_birads.json"))
 
     # The training images are those of a tenth of the labelled patients (linear_probe's sample).
-    source = data.open_split(tiny_dataset, "train")
+    source = pipeline.open_split(tiny_dataset, "train")
     fields = extract.record_fields(source, ("patient_id", "birads"))
     labelled = fields["birads"] >= 0
     picked = linear_probe.sample_fraction(fields["patient_id"][labelled], 0.1, 0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mama_jax import data, factory, grad_cache, sharding, train
+from mama_jax import factory, grad_cache, sharding, train
+from mama_jax.input import pipeline
 from tests.tolerances import assert_adam_first_step_close, assert_grads_close, flat
 
 K = 4
@@ -53,7 +54,7 @@ def test_k_micro_batches_equal_the_one_pass_step(tiny_dataset, tokenizer, device
     """On 8 devices each micro-batch needs one sample per device: global batch 32 there."""
     cfg = _config(tiny_dataset, global_batch)
     mesh = sharding.make_mesh(devices // fsdp, fsdp, devices=jax.devices()[:devices])
-    batch = next(data.train_iterator(factory.data_config(cfg), tokenizer))
+    batch = next(pipeline.train_iterator(factory.data_config(cfg), tokenizer))
     batch = sharding.shard_batch({k: batch[k] for k in train.STEP_INPUTS}, mesh)
     key = jax.random.key(11)
     assert factory.model(cfg, tokenizer).text.cfg.uses_dropout

@@ -9,10 +9,11 @@ import pytest
 
 from configs import maps as maps_config
 from configs import report as report_config
-from mama_jax import captions, data, factory
-from mama_jax.augment import eval_transform
+from mama_jax import factory
+from mama_jax.input import captions, pipeline
+from mama_jax.input.augment import eval_transform
 from mama_jax.evaluate import maps, report, restore
-from mama_jax.models.tokenizer import encode_captions
+from mama_jax.input.tokenizer import encode_captions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,7 +31,7 @@ def restored(pretrained_workdir):
 
 @pytest.fixture(scope="module")
 def mass_record(tiny_dataset):
-    source = data.open_split(tiny_dataset, "train")
+    source = pipeline.open_split(tiny_dataset, "train")
     for i in range(len(source)):
         if source[i]["mass_shape"] and source[i]["birads"] >= 0:
             return source[i]
@@ -208,7 +209,7 @@ def test_run_writes_maps_for_mass_images_first(pretrained_workdir, tiny_dataset,
     cfg.display_size = 0  # the model's own image size: keeps the test quick
     result = maps.run(cfg, str(tmp_path))
 
-    source = data.open_split(tiny_dataset, "test")
+    source = pipeline.open_split(tiny_dataset, "test")
     has_mass = [bool(source[i]["mass_shape"]) for i in range(len(source))]
     expected = ([i for i, m in enumerate(has_mass) if m]
                 + [i for i, m in enumerate(has_mass) if not m])[:3]

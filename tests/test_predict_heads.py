@@ -13,7 +13,8 @@ from configs import extract as extract_config
 from configs import finetune as finetune_config
 from configs import linear_probe as probe_config
 from data_prep import prepare
-from mama_jax import captions, export
+from mama_jax import export
+from mama_jax.input import captions
 from mama_jax.evaluate import extract, finetune, linear_probe, metrics
 
 

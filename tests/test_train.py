@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from mama_jax import checkpoint, data, factory, loop, metrics, optim, sharding, train
+from mama_jax import checkpoint, factory, loop, metrics, optim, sharding, train
+from mama_jax.input import pipeline
 from mama_jax.models import mama
 from tests import tolerances
 
@@ -32,7 +33,7 @@ def _config(dataset_dir, **train_overrides):
 def setup(tiny_dataset, tmp_path_factory):
     cfg = _config(tiny_dataset)
     tok = factory.tokenizer(cfg, str(tmp_path_factory.mktemp("work")))
-    batch = next(data.train_iterator(factory.data_config(cfg), tok))
+    batch = next(pipeline.train_iterator(factory.data_config(cfg), tok))
     return cfg, tok, {k: batch[k] for k in train.STEP_INPUTS}
 
 

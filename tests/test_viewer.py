@@ -22,7 +22,8 @@ import pytest
 import mama_jax
 from configs import export as export_config
 from data_prep import prepare
-from mama_jax import captions, export, predict
+from mama_jax import export, predict
+from mama_jax.input import captions
 from mama_jax.evaluate import maps
 from mama_jax.viewer import analysis
 from mama_jax.viewer.server import ViewerServer

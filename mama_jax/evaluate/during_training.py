@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mama_jax import captions, data, factory, sharding, train
+from mama_jax import factory, sharding, train
+from mama_jax.input import captions, pipeline
 from mama_jax.evaluate import extract, zeroshot
 
 SPLIT = "validation"
@@ -82,7 +83,7 @@ class ValidationZeroShot:
         validation split is missing or empty or no task has labels there."""
         dataset_dir = factory.data_config(cfg).dataset_dir
         try:
-            source = data.open_split(dataset_dir, SPLIT)
+            source = pipeline.open_split(dataset_dir, SPLIT)
         except KeyError as err:
             _say(f"off ({err.args[0]})")
             return None
@@ -109,7 +110,7 @@ class ValidationZeroShot:
     def _image_embeddings(self, images_fn, state, mesh) -> np.ndarray:
         """e_I(x) [N, d] of every validation record, in record order (eval transform)."""
         n_proc, proc = jax.process_count(), jax.process_index()
-        batches = data.eval_iterator(self.data_cfg, None, SPLIT, process_index=proc,
+        batches = pipeline.eval_iterator(self.data_cfg, None, SPLIT, process_index=proc,
                                      process_count=n_proc, source=self.source)
         embs, indices = [], []
         for batch in batches:

@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax import data, factory
+from mama_jax import factory
+from mama_jax.input import pipeline
 from mama_jax.evaluate import restore
 
 ID_FIELDS = ("patient_id", "image_id", "study_id", "laterality")
@@ -29,7 +30,7 @@ LABELS = ("birads", "density", "cancer")
 
 # ----------------------------------------------------------------------------- config
 
-def eval_data_config(cfg, pretrain_cfg=None) -> data.DataConfig:
+def eval_data_config(cfg, pretrain_cfg=None) -> pipeline.DataConfig:
     """DataConfig of an eval job: the pretraining run's image_size and max_length, the
     eval config's dataset_dir when set (else the pretraining run's)."""
     pretrain_cfg = pretrain_cfg or restore.load_pretrain_config(cfg.pretrain_workdir)
@@ -150,7 +151,7 @@ def in_record_order(columns: dict[str, np.ndarray], n: int, split: str) -> dict[
     return out
 
 
-def extract_split(model, tok, data_cfg: data.DataConfig, split: str, batch_size: int,
+def extract_split(model, tok, data_cfg: pipeline.DataConfig, split: str, batch_size: int,
                   *, source=None) -> dict[str, np.ndarray]:
     """Every record of `split`, in record order.
 
@@ -159,13 +160,13 @@ def extract_split(model, tok, data_cfg: data.DataConfig, split: str, batch_size:
     image_id, study_id, laterality str [N]; in_birads_test_subset,
     in_density_test_subset int32 [N].
     """
-    source = data.open_split(data_cfg.dataset_dir, split) if source is None else source
+    source = pipeline.open_split(data_cfg.dataset_dir, split) if source is None else source
     n = len(source)
     if n == 0:
         raise ValueError(f"{data_cfg.dataset_dir}: split {split!r} is empty")
     embed = image_embedder(model)
-    batches = data.eval_iterator(data_cfg, tok, split, batch_size=batch_size, source=source)
-    total = data.eval_batches_per_host(n, batch_size, 1)
+    batches = pipeline.eval_iterator(data_cfg, tok, split, batch_size=batch_size, source=source)
+    total = pipeline.eval_batches_per_host(n, batch_size, 1)
     parts: dict[str, list] = {k: [] for k in ("image_emb", "pooled", "index", *LABELS)}
     for batch in tqdm(batches, total=total, desc=f"extract {split}", unit="batch"):
         emb, pooled = embed(jnp.asarray(batch["view1"]))

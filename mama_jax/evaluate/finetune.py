@@ -30,9 +30,10 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax import captions, checkpoint, data, factory, loop, metrics as run_metrics, sharding
-from mama_jax.evaluate import (balanced_sampler, extract, finetune_model, linear_probe, metrics,
-                               restore, zeroshot)
+from mama_jax import checkpoint, factory, loop, metrics as run_metrics, sharding
+from mama_jax.input import captions, pipeline
+from mama_jax.evaluate import extract, finetune_model, linear_probe, metrics, restore, zeroshot
+from mama_jax.input import balanced_sampler
 
 CI_METRICS = ("balanced_accuracy", "auc")
 # Must match on a resume (same batches from the same start); run.json also records the rest.
@@ -89,7 +90,7 @@ def predict(graphdef, params, data_cfg, split: str, batch_size: int, mesh, sourc
                 "valid": batch["valid"]}
 
     keys = ("view1", "index", "valid")
-    batches = data.eval_iterator(data_cfg, None, split, process_index=proc, process_count=n_proc,
+    batches = pipeline.eval_iterator(data_cfg, None, split, process_index=proc, process_count=n_proc,
                                  batch_size=batch_size // n_proc, source=source)
     probs, index = [], []
     for batch in tqdm(batches, desc=f"finetune test {split}", unit="batch", disable=proc != 0):
@@ -127,7 +128,7 @@ def _inputs(cfg):
                                            cfg.batch_size, cfg.seed, cfg.num_threads)
     sources, labels = {}, {}
     for split in (cfg.train_split, cfg.eval_split):
-        sources[split] = data.open_split(data_cfg.dataset_dir, split)
+        sources[split] = pipeline.open_split(data_cfg.dataset_dir, split)
         # The rules the batches use (density 1..4 -> 0..3); "dataset has no <task> labels" if none.
         labels[split] = zeroshot.task_labels(extract.record_fields(sources[split], (task,)), task,
                                              f"{data_cfg.dataset_dir} split {split!r}")

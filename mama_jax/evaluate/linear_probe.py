@@ -29,7 +29,7 @@ import scipy.optimize
 import threadpoolctl
 from absl import logging
 
-from mama_jax import captions
+from mama_jax.input import captions
 from mama_jax.evaluate import metrics
 
 REQUIRED_KEYS = ("image_emb", "pooled", "birads", "density", "cancer", "patient_id", "image_id")

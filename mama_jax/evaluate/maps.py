@@ -27,10 +27,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from data_prep import schema  # noqa: E402  (the record contract: roi_boxes)
-from mama_jax import captions, data, losses  # noqa: E402
-from mama_jax.augment import canvas_layout, eval_geometry, eval_transform  # noqa: E402
+from mama_jax import losses
+from mama_jax.input import captions, pipeline  # noqa: E402
+from mama_jax.input.augment import canvas_layout, eval_geometry, eval_transform  # noqa: E402
 from mama_jax.evaluate import extract, restore  # noqa: E402
-from mama_jax.models.tokenizer import SENTENCE_ENDS, encode_captions  # noqa: E402
+from mama_jax.input.tokenizer import SENTENCE_ENDS, encode_captions  # noqa: E402
 
 MAPS_DIR = "maps"
 MAPS_JSON = "maps.json"
@@ -323,7 +324,7 @@ def run(cfg, workdir: str) -> dict:
     """
     extract.require_pretrain_workdir(cfg)
     pcfg = restore.load_pretrain_config(cfg.pretrain_workdir)
-    source = data.open_split(extract.eval_data_config(cfg, pcfg).dataset_dir, cfg.split)
+    source = pipeline.open_split(extract.eval_data_config(cfg, pcfg).dataset_dir, cfg.split)
     records = choose_records(source, int(cfg.num_images), tuple(cfg.image_ids))
     scored = _scored_records(source, int(cfg.get("score_images", 0)))
     step = cfg.get("step", -1)

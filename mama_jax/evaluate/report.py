@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from mama_jax import captions
+from mama_jax.input import captions
 from mama_jax import metrics as metrics_file
 from mama_jax.evaluate import report_tables as tables
 from mama_jax.evaluate.figures import (LOSS_TERMS, confusion_png, loss_png, roc_png,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from mama_jax import captions
+from mama_jax.input import captions
 
 NOT_RUN = "not run"
 METHOD = "MaMA (this run)"

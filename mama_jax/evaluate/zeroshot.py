@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax import captions, data, losses
+from mama_jax import losses
+from mama_jax.input import captions, pipeline
 from mama_jax.evaluate import extract, metrics, restore
-from mama_jax.models.tokenizer import encode_captions
+from mama_jax.input.tokenizer import encode_captions
 
 AGGREGATES = ("image", "breast", "study")
 CI_METRICS = ("balanced_accuracy", "auc")
@@ -40,7 +41,7 @@ def task_labels(fields: dict, task: str, where: str) -> np.ndarray:
     if task not in captions.TASKS:
         raise ValueError(f"unknown zero-shot task {task!r}; choose from {', '.join(captions.TASKS)}")
     raw = np.asarray(fields[task], np.int64)
-    labels = np.array([data.density_label(int(v)) for v in raw] if task == "density" else raw, np.int32)
+    labels = np.array([pipeline.density_label(int(v)) for v in raw] if task == "density" else raw, np.int32)
     num_classes = len(captions.CLASS_NAMES[task])
     bad = (labels < -1) | (labels >= num_classes)
     if bad.any():
@@ -246,7 +247,7 @@ def run(cfg, workdir: str) -> dict:
     WORKDIR/zeroshot_<task>_<split>.npz (per-image scores and probabilities)."""
     tasks = _check_config(cfg)
     data_cfg = extract.eval_data_config(cfg)
-    source = data.open_split(data_cfg.dataset_dir, cfg.split)
+    source = pipeline.open_split(data_cfg.dataset_dir, cfg.split)
     where = f"{data_cfg.dataset_dir} split {cfg.split!r}"
     fields = extract.record_fields(source, captions.RECORD_KEYS + ("cancer",))
     labels = {task: task_labels(fields, task, where) for task in tasks}  # fail before any compute

@@ -7,7 +7,7 @@ into encoder.layer.<i>. The folder (config.json + model.safetensors) loads with
 has no pooler (pooler_output is the post-norm CLS).
 
 Inputs stay MaMA's: eval geometry (aspect kept, padded square) normalised to
-[-1, 1] (mama_jax.augment.eval_transform), not ImageNet statistics.
+[-1, 1] (mama_jax.input.augment.eval_transform), not ImageNet statistics.
 """
 
 from __future__ import annotations

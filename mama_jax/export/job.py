@@ -68,7 +68,7 @@ def decode_settings(cfg, pretrain_cfg) -> dict:
 
 def probe_heads(probe_workdir: str, tasks=()) -> list:
     """ProbeHeads fitted as the probe job fitted its 100 % probe, from its linear_probe.json."""
-    from mama_jax import captions
+    from mama_jax.input import captions
     from mama_jax.evaluate import linear_probe as lp
 
     path = os.path.join(probe_workdir, lp.RESULT_FILE)

@@ -32,7 +32,7 @@ from mama_jax.export.errors import PackageError
 from mama_jax.export.state import restore_module
 from mama_jax.export.hf import export_dinov2_hf
 from mama_jax.models import mama
-from mama_jax.models import tokenizer as tok_lib
+from mama_jax.input import tokenizer as tok_lib
 
 FORMAT = "mama_jax.export"
 FORMAT_VERSION = 2          # 2: config.json has `decode`, the package may hold heads/

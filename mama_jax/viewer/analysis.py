@@ -17,7 +17,7 @@ import uuid
 import cv2
 import numpy as np
 
-from mama_jax import captions
+from mama_jax.input import captions
 from mama_jax.evaluate import maps
 from mama_jax.export import dicom_input
 

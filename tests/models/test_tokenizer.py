@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mama_jax.models.tokenizer import (EOS_TOKEN, SPECIAL_TOKENS, build_tiny_tokenizer, encode_caption,
+from mama_jax.input.tokenizer import (EOS_TOKEN, SPECIAL_TOKENS, build_tiny_tokenizer, encode_caption,
                                        encode_captions, load_tokenizer)
 
 CAPTION = ("Procedure reported: MG Screening Bilateral;\nReason for procedure: screening;\n"

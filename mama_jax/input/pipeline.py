@@ -27,10 +27,10 @@ import cv2
 import grain
 import numpy as np
 
-from mama_jax import augment, captions
-from mama_jax.augment import eval_transform, train_transform  # noqa: F401  (public API)
-from mama_jax.models.tokenizer import TextTokenizer, encode_caption
-from mama_jax.study_index import SECOND_VIEWS, index_fields, study_index  # noqa: F401 (public API)
+from mama_jax.input import augment, captions
+from mama_jax.input.augment import eval_transform, train_transform  # noqa: F401  (public API)
+from mama_jax.input.tokenizer import TextTokenizer, encode_caption
+from mama_jax.input.study_index import SECOND_VIEWS, index_fields, study_index  # noqa: F401 (public API)
 
 
 

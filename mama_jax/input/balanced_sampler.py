@@ -20,7 +20,7 @@ import cv2
 import grain
 import numpy as np
 
-from mama_jax import data
+from mama_jax.input import pipeline
 
 _DRAW, _AUGMENT = 0, 1  # separate random streams for choosing images and augmenting them
 
@@ -60,7 +60,7 @@ class _TrainExample:
     """map transform: element e of this host's stream -> one augmented example."""
 
     def __init__(self, source: Sequence, labels: np.ndarray, sampler: BalancedSampler,
-                 cfg: data.DataConfig, per_host: int, process_index: int):
+                 cfg: pipeline.DataConfig, per_host: int, process_index: int):
         self.source, self.labels, self.sampler, self.cfg = source, labels, sampler, cfg
         self.per_host, self.process_index = per_host, process_index
 
@@ -69,14 +69,14 @@ class _TrainExample:
         position = self.process_index * self.per_host + j  # hosts own consecutive batch slices
         index = int(self.sampler.indices(step, self.cfg.global_batch_size)[position])
         rng = np.random.default_rng([self.sampler.seed, _AUGMENT, step, position])
-        image = data.train_view(self.source[index]["image"], rng, self.cfg)
+        image = pipeline.train_view(self.source[index]["image"], rng, self.cfg)
         return {"image": image, "label": np.int32(self.labels[index]), "index": np.int32(index)}
 
 
-def train_batches(cfg: data.DataConfig, source: Sequence, labels: np.ndarray,
+def train_batches(cfg: pipeline.DataConfig, source: Sequence, labels: np.ndarray,
                   sampler: BalancedSampler, start_step: int, steps: int, *,
                   process_index: int = 0, process_count: int = 1):
-    """This host's batches for steps start_step .. steps-1: image (data.train_view's form),
+    """This host's batches for steps start_step .. steps-1: image (pipeline.train_view's form),
     label int32 [b], index int32 [b], b = cfg.global_batch_size // process_count."""
     if cfg.global_batch_size % process_count:
         raise ValueError(f"batch size {cfg.global_batch_size} is not divisible by the "
@@ -92,6 +92,6 @@ def train_batches(cfg: data.DataConfig, source: Sequence, labels: np.ndarray,
     return iter(ds.to_iter_dataset(options).batch(per_host, drop_remainder=True))
 
 
-def with_batch(cfg: data.DataConfig, batch_size: int, seed: int, num_threads: int) -> data.DataConfig:
+def with_batch(cfg: pipeline.DataConfig, batch_size: int, seed: int, num_threads: int) -> pipeline.DataConfig:
     """The pretraining run's DataConfig (image size, augmentation) at the fine-tune batch."""
     return dataclasses.replace(cfg, global_batch_size=batch_size, seed=seed, num_threads=num_threads)
