@@ -133,7 +133,7 @@ def test_browser_shows_predict_probabilities_and_draws_a_map(server, package, di
     canvas = model.preprocess(dicom_input.read_image(dicom, model.decode).pixels)
     sim = maps.sentence_patch_maps(model.model, model.tokenizer, canvas, SENTENCE + ".",
                                    model.max_length)[0]
-    expect = analysis.overlay(analysis.canvas_gray(canvas).astype(np.float32) / 255.0, sim)
+    expect = maps.overlay_rgb(analysis.canvas_gray(canvas).astype(np.float32) / 255.0, sim)
     drawn = cv2.imdecode(np.frombuffer(base64.b64decode(src.split(",", 1)[1]), np.uint8),
                          cv2.IMREAD_COLOR)[..., ::-1]
     assert drawn.shape == (model.image_size, model.image_size, 3)

@@ -139,19 +139,25 @@ def upsample(sim_map: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(sim_map, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def overlay_rgb(gray01: np.ndarray, sim_map: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: the map bilinearly upsampled to the grey [0, 1] image, min-max
+    normalised, as a translucent heat map over it."""
+    h, w = gray01.shape
+    up = upsample(sim_map, h, w)
+    lo, hi = float(up.min()), float(up.max())
+    heat = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+    rgb = (1 - HEAT_ALPHA) * np.repeat(gray01[..., None], 3, axis=2) \
+        + HEAT_ALPHA * colormaps[COLORMAP](heat)[..., :3]
+    return np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
 def overlay_png(image: np.ndarray, sim_map: np.ndarray, path: str, title: str,
                 boxes=()) -> str:
     """The map, bilinearly upsampled and normalised to [0, 1], as a translucent heat map on
     the grey image; a PNG of exactly the image's size (title drawn in and kept as metadata).
     `boxes` (y0, x0, y1, x1) in the image's pixels (lesion ROIs) are outlined in white."""
-    gray = _gray01(image)
-    h, w = gray.shape
-    up = upsample(sim_map, h, w)
-    lo, hi = float(up.min()), float(up.max())
-    heat = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
-    rgb = (1 - HEAT_ALPHA) * np.repeat(gray[..., None], 3, axis=2) \
-        + HEAT_ALPHA * colormaps[COLORMAP](heat)[..., :3]
-    rgb = np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    rgb = overlay_rgb(_gray01(image), sim_map)
+    h, w = rgb.shape[:2]
     thickness = max(1, w // 300)
     for y0, x0, y1, x1 in boxes:
         cv2.rectangle(rgb, (int(x0), int(y0)), (int(x1) - 1, int(y1) - 1), (255, 255, 255),

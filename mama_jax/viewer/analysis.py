@@ -107,19 +107,6 @@ class Analyzer:
         gray = canvas_gray(canvas).astype(np.float32) / 255.0
         out = []
         for sentence, sim in zip(sentences, sims):
-            out.append({"sentence": sentence, "png": png_data_url(overlay(gray, sim)),
+            out.append({"sentence": sentence, "png": png_data_url(maps.overlay_rgb(gray, sim)),
                         "min": float(sim.min()), "max": float(sim.max())})
         return {"id": image_id, "maps": out}
-
-
-def overlay(gray01: np.ndarray, sim_map: np.ndarray) -> np.ndarray:
-    """uint8 RGB: the map upsampled, min-max normalised, as maps.overlay_png draws it."""
-    from matplotlib import colormaps
-
-    h, w = gray01.shape
-    up = maps.upsample(sim_map, h, w)
-    lo, hi = float(up.min()), float(up.max())
-    heat = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
-    rgb = (1 - maps.HEAT_ALPHA) * np.repeat(gray01[..., None], 3, axis=2) \
-        + maps.HEAT_ALPHA * colormaps[maps.COLORMAP](heat)[..., :3]
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
