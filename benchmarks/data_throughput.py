@@ -25,8 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep import build, synthetic  # noqa: E402
-from mama_jax.input import captions, pipeline  # noqa: E402
-from mama_jax.input import tokenizer as tok_lib  # noqa: E402
+from mama_jax.input import captions, pipeline, tokenizer as tok_lib  # noqa: E402
 
 
 def make_dataset(work: str, patients: int, phantom_size: tuple[int, int]) -> str:

@@ -13,9 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mama_jax import losses, sharding
-from mama_jax.input import captions, pipeline
+from mama_jax.input import captions, pipeline, tokenizer as tok_lib
 from mama_jax.models import convert, mama, text, vit
-from mama_jax.input import tokenizer as tok_lib
 from mama_jax.models.lora import LoRAConfig
 
 

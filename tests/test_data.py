@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import build, synthetic
-from mama_jax.input import augment, captions, pipeline
-from mama_jax.input import tokenizer as tokenizer_lib
+from mama_jax.input import augment, captions, pipeline, tokenizer as tokenizer_lib
 
 S, BATCH, MAX_LEN = 56, 4, 256
 

@@ -14,11 +14,10 @@ import pytest
 import mama_jax
 from configs import export as export_config
 from mama_jax import export, factory
-from mama_jax.input import captions, pipeline
+from mama_jax.input import captions, pipeline, tokenizer as tok_lib
 from mama_jax.input.augment import eval_transform
 from mama_jax.evaluate import restore
 from mama_jax.losses import l2_normalize
-from mama_jax.input import tokenizer as tok_lib
 
 
 @pytest.fixture(scope="module")

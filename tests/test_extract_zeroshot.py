@@ -158,7 +158,7 @@ def test_double_softmax_squashes_probabilities_not_predictions(zs_runs):
 def test_task_without_labels_is_a_clear_error(pretrained_workdir, tiny_dataset, monkeypatch, tmp_path):
     real = pipeline.open_split(tiny_dataset, "test")
     unlabelled = [{**real[i], "cancer": np.int32(-1)} for i in range(len(real))]
-    monkeypatch.setattr(data, "open_split", lambda dataset_dir, split: unlabelled)
+    monkeypatch.setattr(pipeline, "open_split", lambda dataset_dir, split: unlabelled)
     cfg = zeroshot_config.get_config()
     cfg.pretrain_workdir = pretrained_workdir
     cfg.tasks = ("cancer",)

@@ -14,9 +14,8 @@ from flax import nnx
 from configs import finetune as finetune_config
 from configs import report as report_config
 from mama_jax import checkpoint, factory, loop, metrics as run_metrics
-from mama_jax.input import pipeline
 from mama_jax.evaluate import extract, finetune, finetune_model, linear_probe, report, restore
-from mama_jax.input import balanced_sampler
+from mama_jax.input import balanced_sampler, pipeline
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -210,7 +209,7 @@ def test_task_without_labels_and_bad_configs_are_clear_errors(pretrained_workdir
         source = real_open(dataset_dir, split)
         return [{**source[i], "cancer": np.int32(-1)} for i in range(len(source))]
 
-    monkeypatch.setattr(data, "open_split", unlabelled)
+    monkeypatch.setattr(pipeline, "open_split", unlabelled)
     with pytest.raises(ValueError, match="dataset has no cancer labels"):
         finetune.run(_config(pretrained_workdir, task="cancer"), str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "finetune"))  # stopped before any work

@@ -102,7 +102,7 @@ def test_a_dataset_without_validation_split_turns_it_off(tiny_dataset, monkeypat
     def no_split(dataset_dir, split):
         raise KeyError(f"{dataset_dir}: no split {split!r}; it has test, train")
 
-    monkeypatch.setattr(during_training.data, "open_split", no_split)
+    monkeypatch.setattr(during_training.pipeline, "open_split", no_split)
     assert during_training.ValidationZeroShot.open(_config(tiny_dataset), "unused") is None
     assert "validation zero-shot: off" in capsys.readouterr().out
 

@@ -31,9 +31,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from mama_jax import checkpoint, factory, loop, metrics as run_metrics, sharding
-from mama_jax.input import captions, pipeline
 from mama_jax.evaluate import extract, finetune_model, linear_probe, metrics, restore, zeroshot
-from mama_jax.input import balanced_sampler
+from mama_jax.input import balanced_sampler, captions, pipeline
 
 CI_METRICS = ("balanced_accuracy", "auc")
 # Must match on a resume (same batches from the same start); run.json also records the rest.

@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from data_prep import schema  # noqa: E402  (the record contract: roi_boxes)
-from mama_jax import losses
+from mama_jax import losses  # noqa: E402
+from mama_jax.evaluate import extract, restore  # noqa: E402
 from mama_jax.input import captions, pipeline  # noqa: E402
 from mama_jax.input.augment import canvas_layout, eval_geometry, eval_transform  # noqa: E402
-from mama_jax.evaluate import extract, restore  # noqa: E402
 from mama_jax.input.tokenizer import SENTENCE_ENDS, encode_captions  # noqa: E402
 
 MAPS_DIR = "maps"

@@ -13,13 +13,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax.input import captions
+from mama_jax.input import captions, tokenizer as tok_lib
 from mama_jax.evaluate import extract, zeroshot
 from mama_jax.export import dicom_input, predictions
 from mama_jax.export.errors import PackageError
 from mama_jax.export.heads import KINDS
 from mama_jax.losses import l2_normalize
-from mama_jax.input import tokenizer as tok_lib
 
 VIT_HF_DIR = "vit_hf"
 ZERO_SHOT_PREFIX = "none"  # a DICOM's metadata is never read into a prompt
