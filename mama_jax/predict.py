@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="predictions.csv or predictions.jsonl")
     p.add_argument("--ids", default="", help="CSV of path, image_id, study_id: key rows by these ids")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="processes reading DICOMs while the model runs (1 = in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
     ids = read_ids(args.ids) if args.ids else None
     t1 = time.perf_counter()
     preds = model.predict_dicoms(args.inputs, args.task, args.head, batch_size=args.batch_size,
-                                 progress=not args.no_progress, ids=ids)
+                                 progress=not args.no_progress, ids=ids, workers=args.workers)
     seconds = time.perf_counter() - t1
     meta = {"model": model.path, "step": model.step, "decode": model.decode}
     write(preds, args.out, meta)
@@ -115,9 +117,10 @@ def main(argv=None) -> int:
     print(f"{n} images predicted ({len(preds.breasts)} breasts, {len(preds.studies)} studies), "
           f"{len(preds.skipped)} files skipped -> {args.out}")
     split = preds.seconds
-    print(f"{n / seconds if seconds > 0 else 0.0:.2f} images/s ({seconds:.1f} s: read + decode + crop "
+    print(f"{n / seconds if seconds > 0 else 0.0:.2f} images/s ({seconds:.1f} s: read + decode + crop, waited for, "
           f"{split.get('read', 0.0):.1f} s, preprocess + model {split.get('model', 0.0):.1f} s incl. "
-          f"the first batch's compile; batch {args.batch_size}; model load {load_s:.1f} s)")
+          f"the first batch's compile; batch {args.batch_size}; {args.workers} reader process(es); "
+          f"model load {load_s:.1f} s)")
     return 0
 
 

@@ -97,6 +97,18 @@ def test_probabilities_equal_the_zero_shot_job(model, zeroshot_job, dicom_of, ta
     np.testing.assert_allclose(np.stack([got[os.path.abspath(p)] for p in paths]), want, atol=1e-5)
 
 
+def test_reader_processes_give_the_same_rows_in_the_same_order(model, dicom_of, tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a DICOM")
+    paths = sorted(dicom_of.values())[:5] + [str(bad)]
+    one = model.predict_dicoms(paths, "density", batch_size=4)
+    two = model.predict_dicoms(paths, "density", batch_size=4, workers=2)
+    assert [r["path"] for r in two.images] == [r["path"] for r in one.images]
+    np.testing.assert_array_equal(np.stack([r["probs"] for r in two.images]),
+                                  np.stack([r["probs"] for r in one.images]))
+    assert two.skipped == one.skipped and len(one.skipped) == 1
+
+
 def _planted_folder(dicom_of, folder):
     """Six DICOMs (two studies), one with planted identifying values, a truncated file and a
     text file."""

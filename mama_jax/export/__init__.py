@@ -9,12 +9,18 @@
   hf.py           the vision tower as a transformers Dinov2 folder
 """
 
-from mama_jax.export.errors import PackageError
-from mama_jax.export.inference import InferenceModel
-from mama_jax.export.job import export_package, run
-from mama_jax.export.package import (CONFIG_FILE, FORMAT, FORMAT_VERSION, MODEL_CONFIG_FILE, STATE_DIR,
-                                     TOKENIZER_DIR, VIT_HF_DIR, load_package, write_package)
+import importlib
 
-__all__ = ["PackageError", "InferenceModel", "export_package", "run", "load_package", "write_package",
-           "CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "MODEL_CONFIG_FILE", "STATE_DIR",
-           "TOKENIZER_DIR", "VIT_HF_DIR"]
+# Loaded on first use, so that a DICOM reader process (dicom_input) imports no JAX.
+_WHERE = {"PackageError": "errors", "InferenceModel": "inference", "export_package": "job",
+          "run": "job", "load_package": "package", "write_package": "package",
+          **{name: "package" for name in ("CONFIG_FILE", "FORMAT", "FORMAT_VERSION",
+                                          "MODEL_CONFIG_FILE", "STATE_DIR", "TOKENIZER_DIR",
+                                          "VIT_HF_DIR")}}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mama_jax.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mama_jax.export.{_WHERE[name]}"), name)

@@ -11,8 +11,11 @@ the path and a reason, never a tag value).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import multiprocessing
 import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -92,3 +95,15 @@ def read_image(path: str, decode: dict) -> DicomImage | Skipped:
     except Exception as err:  # noqa: BLE001
         return Skipped(path, f"header cannot be read ({type(err).__name__})")
     return DicomImage(path, sop, study, decoded.laterality, decoded.view, decoded.pixels)
+
+
+def read_images(paths: list[str], decode: dict, workers: int = 1):
+    """read_image of each path, in order, lazily. workers > 1 reads in that many spawned
+    processes (the reader is not thread-safe, and a fork of a JAX process can hang);
+    each imports only this module and data_prep, not JAX."""
+    if workers <= 1 or len(paths) < 2:
+        yield from (read_image(p, decode) for p in paths)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(read_image, paths, itertools.repeat(decode), chunksize=4)

@@ -160,13 +160,15 @@ class InferenceModel:
                                "(a format-1 package); export it again to read DICOMs")
 
     def predict_dicoms(self, paths, task: str, head: str = "zero-shot", *, batch_size: int = 8,
-                       progress: bool = False, ids: dict | None = None) -> predictions.Predictions:
+                       progress: bool = False, ids: dict | None = None,
+                       workers: int = 1) -> predictions.Predictions:
         """Class probabilities per image, breast and study of DICOM files / folders.
 
-        Each file is read by data_prep's reader with the package's decode settings, then
-        preprocessed as evaluation; unreadable files are listed in `skipped` with their
-        reason and the rest go on. `progress`: a tqdm bar over the files; `ids`: the
-        dataset's anonymised ids per file (predictions.build)."""
+        Each file is read by data_prep's reader with the package's decode settings (in
+        `workers` processes when > 1, while the model runs), then preprocessed as
+        evaluation; unreadable files are listed in `skipped` with their reason and the
+        rest go on. `progress`: a tqdm bar over the files; `ids`: the dataset's
+        anonymised ids per file (predictions.build)."""
         self._head(task, head)  # a bad task / head fails before any file is read
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -183,9 +185,10 @@ class InferenceModel:
             images.extend(dataclasses.replace(im, pixels=None) for im in pending)  # free the pixels
             pending.clear()
 
-        for path in tqdm(files, desc=f"predict {task}", unit="img", disable=not progress):
+        reader = dicom_input.read_images(files, self.decode, workers)
+        for _ in tqdm(files, desc=f"predict {task}", unit="img", disable=not progress):
             t0 = time.perf_counter()
-            out = dicom_input.read_image(path, self.decode)
+            out = next(reader)  # with workers: the wait for the readers
             seconds["read"] += time.perf_counter() - t0
             if isinstance(out, dicom_input.Skipped):
                 skipped.append(out)
