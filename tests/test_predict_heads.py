@@ -14,6 +14,7 @@ from configs import finetune as finetune_config
 from configs import linear_probe as probe_config
 from data_prep import prepare
 from mama_jax import export
+from mama_jax.export import job as export_job
 from mama_jax.input import captions
 from mama_jax.evaluate import extract, finetune, linear_probe, metrics
 
@@ -99,4 +100,4 @@ def test_broken_heads_are_refused(package, tmp_path):
     with pytest.raises(export.PackageError, match="probe_density.npz: missing probe arrays"):
         mama_jax.load(edited)
     with pytest.raises(FileNotFoundError, match="no linear probe result"):
-        export.job.probe_heads(str(tmp_path))
+        export_job.probe_heads(str(tmp_path))
