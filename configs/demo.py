@@ -27,16 +27,15 @@ def get_config(arg: str | None = None):
     c.data.contrast = 0.2
     # Sentence features for the local loss: the mean embedding of each sentence's own
     # tokens, not the LM's SEP states (the paper's, with a pretrained LLM). The SEP states
-    # of this from-scratch 2-layer LM stay alike across sentences, and no sentence's map
-    # then finds its finding: over a dozen 600-step variants the mass sentence's map was
-    # at best barely warmer on the mass than on the rest of the breast (lift 0.6-1.1,
-    # pointing hits near chance), also with the LM first warmed up on the captions or
-    # each sentence encoded on its own. With token means the mass sentence lights the
-    # mass on this run (seed 0: test lift 1.40, pointing hits 67 % vs 21 % chance), but
-    # not on every seed: seeds 1 and 2 give lift 0.77 and 1.02 (hits 0 % and 25 %) at 600
-    # steps (`--config.seed=N`, then configs/maps.py). Before text dropout drew one key per
-    # caption the same three seeds gave 1.33 / 0.99 / 0.87, and at 1200 steps 1.05 / 1.37 /
-    # 1.33 (not re-measured since). configs/pretrain.py keeps SEP states.
+    # of this from-scratch 2-layer LM match the image's identity, not its lesion:
+    # experiments/sla_localisation.py (README, "Does the local alignment localise?") finds
+    # no sentence map on the lesion with them, and with token means a lesion sentence lights
+    # the mass on some seeds only (which sentence, if any, changes with the seed). On this
+    # demo's own data the maps do not find the mass: `make demo`'s steps run afresh (seed 0,
+    # 2-core x86-64) scored "The mass" at lift 0.77, pointing hits 0 % vs 21 % chance (12 test
+    # images; the issue-15 clone measured 0.67), the other kinds 0.78-1.23 (4 calcification
+    # sentences 1.43).
+    # configs/pretrain.py keeps SEP states.
     c.model.update(dict(
         vit="tiny", num_registers=4, text="tiny", tokenizer="", random_init=True,
         train_text_base=True, vit_layerscale_init=1.0, sentence_features="token_mean",

@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
         # Image-text terms of eq. 4: softmax = CLIP (eq. 2, paper); sigmoid = SigLIP (a learnt
         # bias joins the model; no global softmax, suits small per-device batches).
         clip_kind="softmax",
+        local_half="both",            # eq. 3; visual / text = only L^V / L^T (an ablation)
     ))
 
     # Every step count in every config counts optimizer updates (one per global batch).

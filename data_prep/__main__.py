@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--lesion-scale", type=float, default=1.0,
                      help="mass radius multiplier (the demo draws them larger: see "
                           "synthetic.generate)")
+    syn.add_argument("--localisation", action="store_true",
+                     help="one mass with a large box on every image, no calcifications "
+                          "(experiments/sla_localisation.py)")
 
     b = sub.add_parser("build", help="tables + DICOMs -> TFDS ArrayRecord dataset")
     b.add_argument("--dataset", required=True, choices=("embed", "rsna", "vindr"))
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = synthetic.generate(args.out, patients=args.patients, seed=args.seed,
                                      image_size=(args.height, args.width),
-                                     lesion_scale=args.lesion_scale)
+                                     lesion_scale=args.lesion_scale,
+                                     localisation=args.localisation)
         print(json.dumps({"out": os.path.abspath(args.out), **summary}))
         return 0
     from data_prep import build

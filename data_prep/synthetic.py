@@ -90,6 +90,18 @@ LESIONS = {
           (0.25, "X", "S|I", "+", "I|F", "S|G")),
     "K": ((0.7, "X", "S|I", "+", "", ""), (0.3, "X", "S", "+", "K|I", "G|C")),
 }
+# The localisation set (generate(localisation=True)): in every study one breast carries a
+# mass (on both its views, no calcification) and the other is negative, so a caption's
+# lesion sentences say what its image shows ("The mass is round and high density") or
+# what it does not ("no significant masses, calcification, or other abnormalities");
+# where every image had a mass, "The mass ..." told no two images apart and the local loss
+# never tied it to the mass. (shape, margins, BI-RADS letters) of the mass:
+# Sharp margins only: a spiculated or indistinct margin's box reaches far past the mass.
+LOCALISATION_MASSES = (("R", "D", "B|P"), ("O", "D", "B|P"), ("X", "M", "S|M|K"))
+LOCALISATION_DENSITIES = "+|=|-"
+# Mass radius floor, as a fraction of min(H, W): on the demo's 112-px canvas (8 x 8
+# patches) the mass box then spans at least about 2 x 2 patches on CC and MLO crops.
+LOCALISATION_MIN_RADIUS = 0.17
 CALC_COUNTS = {"D": (30, 60), "R": (15, 30), "S": (12, 25), "L": (6, 12)}  # else (5, 15)
 META_COLUMNS = ("empi_anon", "acc_anon", "anon_dicom_path", "study_date_anon", "StudyDescription",
                 "SeriesDescription", "FinalImageType", "ImageLateralityFinal", "ViewPosition",
@@ -155,7 +167,20 @@ def _exam_findings(rng: np.random.Generator, letter: str, screening: bool,
     return [first, {"side": other, "asses": "N"}] if rng.random() < 0.9 else [first]
 
 
-def _plan_patient(rng: np.random.Generator, empi: str, accs: list[str]) -> dict:
+def _localisation_row(rng: np.random.Generator, side: str) -> dict:
+    """One finding row with a mass (and no calcification) on `side`."""
+    shape, margins, letters = LOCALISATION_MASSES[int(rng.integers(len(LOCALISATION_MASSES)))]
+    letter = _alt(rng, letters)
+    row = {"side": side, "asses": letter, "massshape": shape, "massmargin": _alt(rng, margins),
+           "massdens": _alt(rng, LOCALISATION_DENSITIES), "calcfind": None, "calcdistri": None}
+    row["path_severity"] = _path_severity(rng, letter, True)
+    if not np.isnan(row["path_severity"]):
+        row["bside"], row["type"] = side, str(rng.choice(["B", "S"], p=[0.8, 0.2]))
+    return row
+
+
+def _plan_patient(rng: np.random.Generator, empi: str, accs: list[str],
+                  localisation: bool = False) -> dict:
     male = rng.random() < 0.015
     density = 5 if male else int(rng.choice(4, p=DENSITY_P)) + 1
     age0 = int(np.clip(rng.normal(58, 11), 35, 89))
@@ -173,7 +198,12 @@ def _plan_patient(rng: np.random.Generator, empi: str, accs: list[str]) -> dict:
         screening = not follow and rng.random() < 0.75
         letter = _pick(rng, SCREEN_LETTERS if screening else DIAG_LETTERS)
         side = previous["findings"][0]["side"] if follow else None
-        findings = _exam_findings(rng, letter, screening, side if side in ("L", "R") else None)
+        if localisation:  # a mass on one side (both its views), the other side negative
+            side = str(rng.choice(["L", "R"]))
+            findings = [_localisation_row(rng, side),
+                        {"side": "R" if side == "L" else "L", "asses": "N"}]
+        else:
+            findings = _exam_findings(rng, letter, screening, side if side in ("L", "R") else None)
         drift = (rng.random() < 0.1) * rng.choice([-1, 1])  # reported density varies a little
         tissueden = float(density if male else np.clip(density + drift, 1, 4))
         if rng.random() < 0.03:
@@ -261,7 +291,8 @@ def _exact_subset(rng: np.random.Generator, n: int, fraction: float) -> set[int]
 
 def generate(out_dir, *, patients: int, seed: int = 0, image_size: tuple[int, int] = (640, 512),
              j2k_fraction: float = 0.25, monochrome1_fraction: float = 0.3,
-             cview_fraction: float = 0.15, lesion_scale: float = 1.0) -> dict:
+             cview_fraction: float = 0.15, lesion_scale: float = 1.0,
+             localisation: bool = False) -> dict:
     """Write a synthetic EMBED-format dataset under out_dir; return summary counts.
 
     Layout: tables/{EMBED_OpenData_metadata,EMBED_OpenData_clinical,
@@ -272,6 +303,10 @@ def generate(out_dir, *, patients: int, seed: int = 0, image_size: tuple[int, in
     image as a real one; a model that sees the image at a coarse patch grid (the demo:
     112 px, 8 x 8 patches, where the paper has 37 x 37) needs them about 3x larger to
     cover as many patches as a real mass does at the paper's resolution.
+    localisation: in every study one side's images carry one mass (its box at least about
+    2 x 2 patches of the demo's 8 x 8 grid) and no calcification, the other side's none,
+    and the finding rows say which: the set experiments/sla_localisation.py measures
+    sentence maps on (on the images with a box). Same table formats.
     """
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
@@ -285,7 +320,9 @@ def generate(out_dir, *, patients: int, seed: int = 0, image_size: tuple[int, in
     master = np.random.default_rng(seed)
     ids = [str(10_000_000 + int(v)) for v in master.choice(90_000_000, 4 * patients, replace=False)]
     plans = [_plan_patient(np.random.default_rng([seed, i]), ids[i],
-                           ids[patients + 3 * i: patients + 3 * i + 3]) for i in range(patients)]
+                           ids[patients + 3 * i: patients + 3 * i + 3], localisation)
+             for i in range(patients)]
+    min_radius = LOCALISATION_MIN_RADIUS if localisation else 0.0
     studies = [(i, j, p, s) for i, p in enumerate(plans) for j, s in enumerate(p["studies"])]
     j2k = _exact_subset(master, len(studies), j2k_fraction)
     mono1 = _exact_subset(master, len(studies), monochrome1_fraction)
@@ -306,7 +343,8 @@ def generate(out_dir, *, patients: int, seed: int = 0, image_size: tuple[int, in
             pixels, rois = render_mammogram(rng, height=height, width=width, density=density,
                                             birads=birads, laterality=side, view=view, mass=mass,
                                             calcs=calcs, return_rois=True,
-                                            lesion_scale=lesion_scale)
+                                            lesion_scale=lesion_scale,
+                                            min_mass_radius=min_radius)
             kinds = [("2D", pixels)]
             if n in cview:
                 kinds.append(("C-view", cview_of(pixels, np.random.default_rng([seed, p_idx, s_idx, v, 1]))))
@@ -337,7 +375,8 @@ def generate(out_dir, *, patients: int, seed: int = 0, image_size: tuple[int, in
     summary = {"patients": patients, "studies": len(studies), "images": len(meta_rows),
                "images_2d": sum(r["FinalImageType"] == "2D" for r in meta_rows),
                "findings": len(clinical_rows), "j2k_studies": len(j2k), "monochrome1_studies": len(mono1)}
+    extra = {"localisation": True} if localisation else {}  # default output unchanged
     (out / MARKER_FILE).write_text(json.dumps({"generator": "data_prep.synthetic", "complete": True,
                                                "seed": seed, "image_size": [height, width],
-                                               **summary}, indent=1))
+                                               **summary, **extra}, indent=1))
     return summary

@@ -31,18 +31,22 @@ CALC_SPREAD = {"C": 0.012, "G": 0.018, "R": 0.07}  # cluster sigma / min(H, W)
 def render_mammogram(rng: np.random.Generator, *, height: int, width: int, density: int,
                      birads: int, laterality: str, view: str, mass: dict | None = None,
                      calcs: dict | None = None, return_rois: bool = False,
-                     lesion_scale: float = 1.0):
+                     lesion_scale: float = 1.0, min_mass_radius: float = 0.0):
     """uint16 [height, width] image, MONOCHROME2 sense, values 0..4095.
 
     mass: {"shape": massshape code, "margin": massmargin code or None,
            "density": massdens code or None}; calcs: {"type": calcfind code,
     "distribution": calcdistri code, "number": count or None}. With return_rois,
     also the lesion boxes [(ymin, xmin, ymax, xmax), ...] in image pixels.
-    lesion_scale multiplies the mass radius (1 = MASS_SIZE; see synthetic.generate).
+    lesion_scale multiplies the mass radius (1 = MASS_SIZE; see synthetic.generate);
+    min_mass_radius (a fraction of min(height, width)) is a floor under it, so that a
+    mass covers enough patches of a coarse model grid (synthetic.generate's localisation).
     """
     _check(height, width, density, birads, laterality, view, mass, calcs)
     if not 0.1 <= lesion_scale <= 10.0:
         raise ValueError(f"lesion_scale {lesion_scale!r} outside [0.1, 10]")
+    if not 0.0 <= min_mass_radius <= 0.3:
+        raise ValueError(f"min_mass_radius {min_mass_radius!r} outside [0, 0.3]")
     h, w = height, width
     img, tissue, thick = _base(rng, h, w, density, view)
     noise = rng.standard_normal((h, w), dtype=np.float32)  # detector noise
@@ -51,7 +55,8 @@ def render_mammogram(rng: np.random.Generator, *, height: int, width: int, densi
     # --- lesions, drawn after everything the base image needs
     rois = []
     if mass is not None:
-        rois.append(_add_mass(rng, img, tissue, thick, birads, mass, lesion_scale))
+        rois.append(_add_mass(rng, img, tissue, thick, birads, mass, lesion_scale,
+                              min_mass_radius))
     if calcs is not None:
         box = _add_calcs(rng, img, tissue, calcs)
         if box is not None:
@@ -169,12 +174,14 @@ def _pick_point(rng: np.random.Generator, inside: np.ndarray, margin: float) -> 
     return int(ys[i]) * k + int(rng.integers(0, k)), int(xs[i]) * k + int(rng.integers(0, k))
 
 
-def _add_mass(rng, img, tissue, thick, birads, mass, lesion_scale=1.0) -> tuple[int, int, int, int]:
+def _add_mass(rng, img, tissue, thick, birads, mass, lesion_scale=1.0,
+              min_radius=0.0) -> tuple[int, int, int, int]:
     """Add a mass (or asymmetry / distortion) in place; return its box."""
     h, w = img.shape
     scale = min(h, w) / 512.0
     shape, margin, dens = mass["shape"], mass.get("margin"), mass.get("density")
     radius = MASS_SIZE[birads] * min(h, w) * rng.uniform(0.8, 1.2) * lesion_scale
+    radius = max(radius, min_radius * min(h, w))
     fuzzy = shape in ASYMMETRIES
     if fuzzy:
         radius *= 1.8

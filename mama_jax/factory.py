@@ -65,7 +65,8 @@ def loss_options(cfg) -> losses.LossOptions:
         aux_start_step=l.aux_start_step if l.aux_start_step >= 0 else None,
         directions=l.directions, clip_directions=l.clip_directions or None,
         caption_chunk=l.caption_chunk or None, max_log_scale=l.max_log_scale or None,
-        negatives=l.negatives, clip_kind=clip_kind(cfg))
+        negatives=l.negatives, clip_kind=clip_kind(cfg),
+        local_half=l.get("local_half", "both"))  # configs saved before the option: both
 
 
 def tokenizer(cfg, workdir: str) -> tok_lib.TextTokenizer:

@@ -41,6 +41,9 @@ CLIP_DIRECTIONS = ("mean", "sum", "i2t")
 # (losses_sigmoid.py), which needs no global softmax, for small per-device batches.
 CLIP_KINDS = ("softmax", "sigmoid")
 LOCAL_DIRECTIONS = ("mean", "sum")
+# Which half of eq. 3 trains: both (the paper), or only the visual-localisation (c_v) or
+# text-localisation (c_t) half, for the ablation in experiments/sla_localisation.py.
+LOCAL_HALVES = ("both", "visual", "text")
 
 
 def l2_normalize(x, axis=-1, eps=1e-6):
@@ -253,14 +256,17 @@ def sharded_local_similarity(mesh: Mesh, data_axes, sent_emb, sent_mask, patch_e
 
 
 def local_loss(sent_emb, sent_mask, patch_emb, local_scale, *, directions="mean",
-               caption_chunk=None, mesh=None, data_axes=None):
+               caption_chunk=None, mesh=None, data_axes=None, half="both"):
     """Eq. 3: M = exp(local_scale)·c for c in (c_v, c_t), rows captions, columns images.
 
     "mean": L_local = ½(L^V + L^T) with L^X = ½[CE(M^X) + CE(M^Xᵀ)] (paper);
     "sum": the four CE terms summed (official, D2). With a mesh the similarity is
     computed by `sharded_local_similarity`; negatives are the global batch either way.
+    half="visual" / "text" keeps only L^V / L^T (an ablation; "both" is eq. 3).
     """
     _check_directions(directions, LOCAL_DIRECTIONS, "local_loss")
+    if half not in LOCAL_HALVES:
+        raise ValueError(f"local_loss: half must be one of {LOCAL_HALVES}, got {half!r}")
     if mesh is None:
         c_v, c_t = local_similarity(sent_emb, sent_mask, patch_emb, caption_chunk=caption_chunk)
     else:
@@ -272,6 +278,8 @@ def local_loss(sent_emb, sent_mask, patch_emb, local_scale, *, directions="mean"
     scale = jnp.exp(jnp.asarray(local_scale, _F32))
     loss_v = _paired_ce(scale * c_v, directions)
     loss_t = _paired_ce(scale * c_t, directions)
+    if half != "both":
+        return loss_v if half == "visual" else loss_t
     total = loss_v + loss_t
     return 0.5 * total if directions == "mean" else total
 
@@ -317,8 +325,11 @@ class LossOptions:
     # "sigmoid": SigLIP replaces both CLIP terms (with the model's logit_bias); it is
     # symmetric, so directions / clip_directions do not apply to it.
     clip_kind: str = "softmax"
+    local_half: str = "both"            # "visual" / "text": one half of eq. 3 (ablation)
 
     def __post_init__(self):
+        if self.local_half not in LOCAL_HALVES:
+            raise ValueError(f"LossOptions.local_half {self.local_half!r} not in {LOCAL_HALVES}")
         if self.clip_kind not in CLIP_KINDS:
             raise ValueError(f"LossOptions.clip_kind must be one of {CLIP_KINDS}, "
                              f"got {self.clip_kind!r}")
@@ -403,7 +414,8 @@ def mama_loss(emb: Mapping[str, Any], *, step, delta, logit_scale, local_scale,
 
     def local_term():
         args = (emb["sent"], emb["sent_mask"], emb["patch_1"])
-        kwargs = dict(directions=options.directions, caption_chunk=options.caption_chunk)
+        kwargs = dict(directions=options.directions, caption_chunk=options.caption_chunk,
+                      half=options.local_half)
         if per_device:
             return per_device_mean(lambda s, m, p: local_loss(s, m, p, local_scale, **kwargs),
                                    mesh, data_axes, *args)

@@ -271,3 +271,35 @@ def test_reruns_overwrite_own_output_but_not_foreign_tables(tmp_path):
 def test_no_jax_import():
     code = "import sys, data_prep.synthetic; sys.exit('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=os.getcwd()).returncode == 0
+
+
+def test_localisation_set_has_one_large_mass_per_study_and_embed_formats(tmp_path):
+    """--localisation: one side of every study has a mass (a large box on both its views,
+    no calcification), the other side a negative row; the same EMBED columns and codes."""
+    size = (320, 256)
+    synthetic.generate(tmp_path, patients=4, seed=3, image_size=size, lesion_scale=2.0,
+                       localisation=True)
+    meta = pd.read_csv(tmp_path / METADATA, dtype={"empi_anon": str, "acc_anon": str})
+    clin = pd.read_csv(tmp_path / CLINICAL, dtype={"empi_anon": str, "acc_anon": str})
+    assert META_COLUMNS <= set(meta.columns) and CLINICAL_COLUMNS <= set(clin.columns)
+    assert clin["calcfind"].isna().all()
+    for acc, rows in clin.groupby("acc_anon"):
+        masses = rows[rows["massshape"].notna()]
+        assert len(masses) == 1 and set(rows["side"]) == {"L", "R"}, rows
+        assert rows[rows["massshape"].isna()]["asses"].tolist() == ["N"]
+        mass_side = masses["side"].iloc[0]
+        images = meta[(meta["acc_anon"] == acc) & (meta["FinalImageType"] == "2D")]
+        for _, image in images.iterrows():
+            has_box = image["num_roi"] > 0
+            assert has_box == (image["ImageLateralityFinal"] == mass_side)
+            if has_box:
+                (y0, x0, y1, x1), = eval(image["ROI_coords"])
+                # radius floor 0.17 of the short side (an oval's box is narrower one way)
+                assert np.sqrt((y1 - y0) * (x1 - x0)) > 0.25 * min(size)
+    marker = (tmp_path / "SYNTHETIC.json").read_text()
+    assert '"localisation": true' in marker
+
+
+def test_default_output_carries_no_localisation_marker(run):
+    out, _ = run
+    assert "localisation" not in (out / "SYNTHETIC.json").read_text()
