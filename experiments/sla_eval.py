@@ -34,20 +34,10 @@ def _embed(model, images, ids, mask, bn: str):
     bn="running": the heads in eval mode (maps.py). bn="batch": BatchNorm normalises with
     this batch's statistics, as in a training step (on a copy: running stats stay put)."""
     if bn == "running":
-        out = maps._local_embeddings(model, images, ids, mask)
+        out = maps.local_embeddings(model, images, ids, mask)
     else:
-        out = _batch_stat_embeddings(nnx.clone(model), images, ids, mask)
+        out = maps.local_embeddings(nnx.clone(model), images, ids, mask, batch_stats=True)
     return tuple(np.asarray(x) for x in out)
-
-
-@nnx.jit
-def _batch_stat_embeddings(model, images, input_ids, attention_mask):
-    _, tokens = model.image_features(images)
-    patches = losses.l2_normalize(model.img_local(tokens, train=True).astype(np.float32))
-    hidden = model.text_states(input_ids, attention_mask, train=False)
-    sent, valid = model.sentence_inputs(hidden, input_ids)
-    sent = losses.l2_normalize(model.txt_local(sent, valid, train=True).astype(np.float32))
-    return patches, sent, valid
 
 
 class HeldOut:

@@ -11,6 +11,7 @@ ViT's patch grid. Heat maps are min-max normalised to [0, 1] for display, as in 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -64,14 +65,18 @@ def find_sentence(caption: str, startswith: str) -> int:
 
 # ----------------------------------------------------------------------------- embeddings
 
-@nnx.jit
-def _local_embeddings(model, images, input_ids, attention_mask):
-    """(patches [B, P, d], sentences [B, M, d], sentence mask [B, M]), L2-normalised, fp32."""
+@functools.partial(nnx.jit, static_argnames="batch_stats")
+def local_embeddings(model, images, input_ids, attention_mask, *, batch_stats: bool = False):
+    """(patches [B, P, d], sentences [B, M, d], sentence mask [B, M]), L2-normalised, fp32.
+
+    batch_stats: the local heads' BatchNorm normalises with this batch's statistics, as in
+    a training step, and updates the running ones (pass a copy); else their running ones."""
     _, patch_tokens = model.image_features(images)
-    patches = losses.l2_normalize(model.img_local(patch_tokens, train=False).astype(np.float32))
+    patches = losses.l2_normalize(model.img_local(patch_tokens, train=batch_stats)
+                                  .astype(np.float32))
     hidden = model.text_states(input_ids, attention_mask, train=False)
     sent, valid = model.sentence_inputs(hidden, input_ids)
-    sent = losses.l2_normalize(model.txt_local(sent, valid, train=False).astype(np.float32))
+    sent = losses.l2_normalize(model.txt_local(sent, valid, train=batch_stats).astype(np.float32))
     return patches, sent, valid
 
 
@@ -90,7 +95,7 @@ def sentence_patch_maps(model, tok, image: np.ndarray, caption: str, max_length:
     if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3:
         raise ValueError(f"image must be an eval-transformed [S, S, 3] array, got shape {image.shape}")
     enc = encode_captions(tok, [caption], max_length)
-    patches, sent, valid = _local_embeddings(model, image[None], enc.input_ids, enc.attention_mask)
+    patches, sent, valid = local_embeddings(model, image[None], enc.input_ids, enc.attention_mask)
     count = int(np.asarray(valid[0]).sum())
     sims = np.asarray(sent[0, :count]) @ np.asarray(patches[0]).T  # [n, P]
     gh, gw = patch_grid(model, image.shape[0])
