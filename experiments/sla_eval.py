@@ -1,6 +1,6 @@
 """Held-out measurements of one pretraining run for experiments/sla_localisation.py.
 
-- `localisation`: every sentence's map scored against the lesion boxes (maps.roi_scores),
+- `localisation`: every sentence's map scored against the lesion boxes (map_scores.roi_scores),
   summarised per sentence kind; with the local heads' BatchNorm on running statistics
   (how maps.py draws) or on the held-out batch's own statistics (how training sees them).
 - `identity`: is the local score high because a lesion sentence finds the lesion, or because
@@ -21,7 +21,7 @@ from flax import nnx
 from mama_jax import losses
 from mama_jax.input import captions, pipeline
 from mama_jax.input.augment import eval_geometry, eval_transform
-from mama_jax.evaluate import extract, linear_probe, maps, restore, zeroshot
+from mama_jax.evaluate import extract, linear_probe, map_scores, maps, restore, zeroshot
 from mama_jax.input.tokenizer import encode_captions
 
 LESION_KINDS = (captions.MASS_SENTENCE, "Calcification")
@@ -60,8 +60,8 @@ class HeldOut:
         self.boxes, self.breasts = [], []
         for r in self.records:
             canvas = eval_geometry(r["image"], DISPLAY)
-            self.boxes.append(maps.canvas_boxes(maps.record_boxes(r), r["image"].shape, DISPLAY))
-            self.breasts.append(maps.breast_mask(canvas))
+            self.boxes.append(map_scores.canvas_boxes(map_scores.record_boxes(r), r["image"].shape, DISPLAY))
+            self.breasts.append(map_scores.breast_mask(canvas))
 
 
 def _grid_maps(patches, sent, valid, gh, gw):
@@ -73,7 +73,7 @@ def _grid_maps(patches, sent, valid, gh, gw):
 
 
 def localisation(model, tok, held: HeldOut, max_length: int, bn: str = "running") -> dict:
-    """Per sentence kind: n, mean lift, pointing hit rate and its chance (maps.summarise_scores),
+    """Per sentence kind: n, mean lift, pointing hit rate and its chance (map_scores.summarise_scores),
     over the images with lesion boxes."""
     enc = encode_captions(tok, held.captions, max_length)
     patches, sent, valid = _embed(model, held.images, enc.input_ids, enc.attention_mask, bn)
@@ -82,18 +82,18 @@ def localisation(model, tok, held: HeldOut, max_length: int, bn: str = "running"
     scores = []
     for k in held.scored:
         for j, sim in enumerate(all_maps[k]):
-            roi = maps.roi_scores(sim, held.breasts[k], held.boxes[k])
+            roi = map_scores.roi_scores(sim, held.breasts[k], held.boxes[k])
             if roi is not None:
                 scores.append({"query": captions.sentence_kind(held.sentences[k][j]), **roi})
-    return maps.summarise_scores(scores)
+    return map_scores.summarise_scores(scores)
 
 
 def _box_cells(boxes, breast, gh, gw):
-    """Patch cells touched by the boxes (cut to the breast), as maps.roi_scores counts them."""
+    """Patch cells touched by the boxes (cut to the breast), as map_scores.roi_scores counts them."""
     region = np.zeros(breast.shape, bool)
     for y0, x0, y1, x1 in boxes:
         region[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
-    return (maps._cell_means(region & breast, gh, gw) > 0).reshape(-1)
+    return (map_scores._cell_means(region & breast, gh, gw) > 0).reshape(-1)
 
 
 def identity(model, tok, held: HeldOut, max_length: int) -> dict:

@@ -5,7 +5,7 @@ set where every image carries one mass with a box of at least ~2 x 2 patches
 (`python -m data_prep synthetic --localisation`), configs/demo.py's tiny MaMA trained in
 two arms (sla: eq. 4 as configured; nosla: w = 0 throughout, loss.use_local=False), on
 several seeds, then scored on held-out images: per sentence kind the mean lift and the
-pointing-game hit rate against chance (maps.roi_scores), plus zero-shot and linear-probe
+pointing-game hit rate against chance (map_scores.roi_scores), plus zero-shot and linear-probe
 figures. Settings are chosen with --split validation; the test split is for the final table.
 
   .venv/bin/python experiments/sla_localisation.py --work /tmp/sla --split validation

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mama_jax import losses, sharding
+from mama_jax import losses, objective, sharding
 from mama_jax.input import captions, pipeline, tokenizer as tok_lib
 from mama_jax.models import convert, mama, text, vit
 from mama_jax.models.lora import LoRAConfig
@@ -58,9 +58,9 @@ def clip_kind(cfg) -> str:
     return kind
 
 
-def loss_options(cfg) -> losses.LossOptions:
+def loss_options(cfg) -> objective.LossOptions:
     l = cfg.loss
-    return losses.LossOptions(
+    return objective.LossOptions(
         use_vv=l.use_vv, use_second_view_clip=l.use_second_view_clip, use_local=l.use_local,
         aux_start_step=l.aux_start_step if l.aux_start_step >= 0 else None,
         directions=l.directions, clip_directions=l.clip_directions or None,

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mama_jax import (checkpoint, factory, grad_cache, loop, losses, metrics, optim, run_model, sharding, train_state)
+from mama_jax import (checkpoint, factory, grad_cache, loop, metrics, objective, optim, run_model,
+                      sharding, train_state)
 from mama_jax.input import pipeline
 from mama_jax.models import mama
 
@@ -46,7 +47,7 @@ def loss_and_grads(graphdef, trainable, rest, batch, step, dropout_key, *, delta
         scales = dict(logit_scale=model.logit_scale[...], local_scale=model.local_scale[...])
         if options.clip_kind == "sigmoid":  # only sigmoid models have the SigLIP bias
             scales["logit_bias"] = model.logit_bias[...]
-        total, parts = losses.mama_loss(
+        total, parts = objective.mama_loss(
             emb, step=step, delta=delta, nt_xent_temperature=nt_xent_temperature,
             options=options, mesh=mesh, data_axes=sharding.BATCH_AXES, **scales)
         return total, dict(parts, **scales)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from mama_jax import losses
+from mama_jax import losses, objective
 from tests.loss_reference import (assert_close, local_inputs, np_clip, np_finite_diff,
                                    np_local_loss, np_local_scores, np_nt_xent)
 
@@ -179,7 +179,7 @@ def np_terms(emb, log_scale, local_scale, directions="mean", clip_directions=Non
 
 LOG_SCALE, LOCAL_SCALE, DELTA = float(np.log(1 / 0.07)), 2.0, 10
 # step, delta and the scales are traced; one compile per options / emb structure.
-mama_loss_jit = jax.jit(losses.mama_loss, static_argnames=("options", "mesh", "data_axes"))
+mama_loss_jit = jax.jit(objective.mama_loss, static_argnames=("options", "mesh", "data_axes"))
 
 
 def test_mama_loss_delta_schedule_under_jit():
@@ -188,8 +188,8 @@ def test_mama_loss_delta_schedule_under_jit():
 
     @jax.jit
     def total_at(step, emb):
-        return losses.mama_loss(emb, step=step, delta=DELTA, logit_scale=LOG_SCALE,
-                                local_scale=LOCAL_SCALE, options=losses.LossOptions())
+        return objective.mama_loss(emb, step=step, delta=DELTA, logit_scale=LOG_SCALE,
+                                local_scale=LOCAL_SCALE, options=objective.LossOptions())
 
     base = ref["vv"] + ref["vt_1"] + ref["vt_2"]
     for step, w in ((0, 0.0), (DELTA - 1, 0.0), (DELTA, 1.0), (DELTA + 5000, 1.0)):
@@ -199,7 +199,7 @@ def test_mama_loss_delta_schedule_under_jit():
         for key in ("vv", "vt_1", "vt_2", "local"):
             assert_close(parts[key], ref[key], 2e-5, what=f"{key} at step {step}")
     assert total_at._cache_size() == 1  # step is traced, never a recompile
-    assert float(losses.local_weight(7, 8)) == 0.0 and float(losses.local_weight(8, 8)) == 1.0
+    assert float(objective.local_weight(7, 8)) == 0.0 and float(objective.local_weight(8, 8)) == 1.0
 
 
 def test_mama_loss_switches_remove_exactly_their_term():
@@ -212,21 +212,21 @@ def test_mama_loss_switches_remove_exactly_their_term():
         needed = {k: v for k, v in emb.items() if not (
             (term == "vv" and k.startswith("simclr")) or (term == "vt_2" and k == "img_global_2")
             or (term == "local" and k in ("patch_1", "sent", "sent_mask")))}
-        options = losses.LossOptions(**{switch: False})
+        options = objective.LossOptions(**{switch: False})
         total, parts = mama_loss_jit(
             needed, step=DELTA, delta=DELTA, logit_scale=LOG_SCALE, local_scale=LOCAL_SCALE,
             options=options)
         assert float(parts[term]) == 0.0
         assert_close(total, full - ref[term], 2e-5, what=f"total without {term}")
     with pytest.raises(KeyError, match="simclr_1"):
-        losses.mama_loss({k: v for k, v in emb.items() if k != "simclr_1"}, step=0, delta=1,
+        objective.mama_loss({k: v for k, v in emb.items() if k != "simclr_1"}, step=0, delta=1,
                          logit_scale=1.0, local_scale=1.0)
 
 
 def test_mama_loss_official_options():
     emb = make_emb(np.random.default_rng(7))
     ref = np_terms(emb, LOG_SCALE, LOCAL_SCALE, directions="sum")
-    options = losses.LossOptions(aux_start_step=DELTA, directions="sum")
+    options = objective.LossOptions(aux_start_step=DELTA, directions="sum")
     kwargs = dict(delta=DELTA, logit_scale=LOG_SCALE, local_scale=LOCAL_SCALE, options=options)
     # D1: before delta only L_VT(v,t) trains; D2: summed directions.
     total, parts = mama_loss_jit(emb, step=DELTA - 1, **kwargs)
@@ -239,11 +239,11 @@ def test_mama_loss_official_options():
     i2t = np_terms(emb, LOG_SCALE, LOCAL_SCALE, clip_directions="i2t")
     _, parts = mama_loss_jit(emb, step=0, delta=DELTA, logit_scale=LOG_SCALE,
                              local_scale=LOCAL_SCALE,
-                             options=losses.LossOptions(clip_directions="i2t"))
+                             options=objective.LossOptions(clip_directions="i2t"))
     for key in ("vt_1", "vt_2", "vv"):
         assert_close(parts[key], i2t[key], 2e-5, what=f"i2t {key}")
     with pytest.raises(ValueError, match="directions"):
-        losses.LossOptions(directions="i2t")
+        objective.LossOptions(directions="i2t")
     assert dataclasses.is_dataclass(options)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.use_vv = False
@@ -309,7 +309,7 @@ def test_sharded_global_losses_use_the_global_batch():
                                   LOG_SCALE, "mean") for i in range(0, 16, 2)])
     assert abs(float(got) - per_device) > 0.1
 
-    fn = jax.jit(lambda e, mesh=None: losses.mama_loss(
+    fn = jax.jit(lambda e, mesh=None: objective.mama_loss(
         e, step=DELTA, delta=DELTA, logit_scale=LOG_SCALE, local_scale=LOCAL_SCALE,
         mesh=mesh, data_axes="data")[1], static_argnames="mesh")
     got_parts, want_parts = fn(placed, mesh=mesh), fn(emb)
@@ -332,8 +332,8 @@ def test_per_device_negatives_average_each_slice():
     emb = {k: jax.device_put(jnp.asarray(v, jnp.bool_ if k == "sent_mask" else jnp.float32),
                              NamedSharding(mesh, P("data")))
            for k, v in emb.items()}
-    opts = losses.LossOptions(negatives="per_device")
-    _, parts = jax.jit(lambda e: losses.mama_loss(e, step=10, delta=0, logit_scale=1.0,
+    opts = objective.LossOptions(negatives="per_device")
+    _, parts = jax.jit(lambda e: objective.mama_loss(e, step=10, delta=0, logit_scale=1.0,
                                                   local_scale=1.5, options=opts, mesh=mesh,
                                                   data_axes="data"))(emb)
     host = {k: np.asarray(v) for k, v in emb.items()}

@@ -12,7 +12,7 @@ from configs import report as report_config
 from mama_jax import factory
 from mama_jax.input import captions, pipeline
 from mama_jax.input.augment import eval_transform
-from mama_jax.evaluate import maps, report, restore
+from mama_jax.evaluate import map_scores, maps, report, restore
 from mama_jax.input.tokenizer import encode_captions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -137,25 +137,25 @@ def test_roi_scores_of_a_map_with_a_known_hot_spot():
     box = [(30, 30, 40, 40)]                       # inside patch cell (2, 2) (14 px cells)
     sim = np.zeros((8, 8), np.float32)
     sim[2, 2] = 1.0
-    hot = maps.roi_scores(sim, breast, box)
+    hot = map_scores.roi_scores(sim, breast, box)
     assert hot["hit"] and hot["peak_rank"] == 1 and hot["peak_percentile"] == 100.0
     assert hot["lift"] > 5
     assert hot["chance_hit"] == pytest.approx(1 / 48)  # one box cell among 6 x 8 breast cells
     assert hot["box_fraction"] == pytest.approx(100 / (112 * 84))
-    cold = maps.roi_scores(-sim, breast, box)
+    cold = map_scores.roi_scores(-sim, breast, box)
     assert not cold["hit"] and cold["peak_rank"] == 48 and cold["lift"] < 0.5
     # Rank on the patch grid: 1 + the breast patches outside the box that are hotter.
     rng = np.random.default_rng(0)
     sim = rng.permutation(64).reshape(8, 8).astype(np.float32)
-    got = maps.roi_scores(sim, breast, box)
+    got = map_scores.roi_scores(sim, breast, box)
     others = np.delete(sim[:, :6].ravel(), 2 * 6 + 2)
     assert got["peak_rank"] == 1 + int((others > sim[2, 2]).sum())
     assert got["peak_percentile"] == pytest.approx(100 * (others < sim[2, 2]).mean())
     # Heat in the box: the more of the map's heat sits there, the higher the lift.
     ramp = np.tile(np.arange(8, dtype=np.float32), (8, 1))  # hot to the right
-    assert maps.roi_scores(ramp, breast, [(0, 70, 112, 84)])["lift"] > 1.5
-    assert maps.roi_scores(ramp, breast, [(0, 0, 112, 14)])["lift"] < 0.5
-    assert maps.roi_scores(sim, breast, []) is None
+    assert map_scores.roi_scores(ramp, breast, [(0, 70, 112, 84)])["lift"] > 1.5
+    assert map_scores.roi_scores(ramp, breast, [(0, 0, 112, 14)])["lift"] < 0.5
+    assert map_scores.roi_scores(sim, breast, []) is None
 
 
 def test_roi_scores_ignore_the_part_of_a_box_outside_the_breast():
@@ -165,26 +165,26 @@ def test_roi_scores_ignore_the_part_of_a_box_outside_the_breast():
     sim = np.zeros((8, 8), np.float32)
     sim[:, 6:] = 1.0                               # a map that lights the air, not the lesion
     sim[2, 0] = 0.5                                # the breast's hottest cell is elsewhere
-    got = maps.roi_scores(sim, breast, box)
+    got = map_scores.roi_scores(sim, breast, box)
     assert not got["hit"] and got["peak_rank"] == 2        # box cell (2, 5) vs 47 others
     assert got["chance_hit"] == pytest.approx(1 / 48)
     assert got["box_fraction"] == pytest.approx(10 * 9 / (112 * 84))
-    cut = maps.roi_scores(sim, breast, [(30, 75, 40, 84)])  # the box cut at the skin line
+    cut = map_scores.roi_scores(sim, breast, [(30, 75, 40, 84)])  # the box cut at the skin line
     assert got == cut                              # the air part of the box changes nothing
-    assert maps.roi_scores(sim, breast, [(30, 90, 40, 105)]) is None  # box wholly in the air
+    assert map_scores.roi_scores(sim, breast, [(30, 90, 40, 105)]) is None  # box wholly in the air
 
 
 def test_boxes_from_records_onto_the_canvas():
-    assert maps.record_boxes({"image_id": b"x"}) == []          # dataset from before the field
-    assert maps.record_boxes({"roi_boxes": b""}) == []
-    assert maps.record_boxes({"roi_boxes": b"1,2,3,4;5,6,7,9"}) == [(1, 2, 3, 4), (5, 6, 7, 9)]
+    assert map_scores.record_boxes({"image_id": b"x"}) == []          # dataset from before the field
+    assert map_scores.record_boxes({"roi_boxes": b""}) == []
+    assert map_scores.record_boxes({"roi_boxes": b"1,2,3,4;5,6,7,9"}) == [(1, 2, 3, 4), (5, 6, 7, 9)]
     with pytest.raises(ValueError, match="roi_boxes"):
-        maps.record_boxes({"roi_boxes": b"1,2,3"})
+        map_scores.record_boxes({"roi_boxes": b"1,2,3"})
     # A 100 x 50 image on a 200 px canvas: scaled by 2 and centred (50 px padding left).
-    assert maps.canvas_boxes([(10, 10, 21, 20)], (100, 50), 200) == [(20, 70, 42, 90)]
+    assert map_scores.canvas_boxes([(10, 10, 21, 20)], (100, 50), 200) == [(20, 70, 42, 90)]
     canvas = np.zeros((40, 40), np.float32)
     canvas[5:35, 10:30] = 0.6
-    mask = maps.breast_mask(canvas)
+    mask = map_scores.breast_mask(canvas)
     assert mask[20, 20] and not mask[2, 2] and mask.sum() == 600
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import demo
-from mama_jax import factory, losses, losses_sigmoid, metrics, optim, run_model, train
+from mama_jax import factory, losses, losses_sigmoid, metrics, objective, optim, run_model, train
 from mama_jax.models import mama, text, vit
 from tests import tolerances
 from tests.loss_reference import assert_close, np_finite_diff
@@ -156,18 +156,18 @@ def _emb(rng, batch):
 
 def test_mama_loss_sigmoid_replaces_both_clip_terms_on_and_off_the_mesh():
     emb = _emb(np.random.default_rng(4), 16)
-    sigmoid = losses.LossOptions(clip_kind="sigmoid")
+    sigmoid = objective.LossOptions(clip_kind="sigmoid")
     mesh = auto_mesh((8,), ("data",))
     placed = {k: jax.device_put(v, NamedSharding(mesh, P("data"))) for k, v in emb.items()}
 
     def parts(e, options, mesh=None):
-        return losses.mama_loss(e, step=0, delta=10, logit_scale=MIDWAY[0], local_scale=1.0,
+        return objective.mama_loss(e, step=0, delta=10, logit_scale=MIDWAY[0], local_scale=1.0,
                                 logit_bias=MIDWAY[1], options=options, mesh=mesh,
                                 data_axes="data")[1]
 
     one = jax.jit(lambda e: parts(e, sigmoid))(emb)
     ring = jax.jit(lambda e: parts(e, sigmoid, mesh))(placed)
-    softmax = jax.jit(lambda e: parts(e, losses.LossOptions()))(emb)
+    softmax = jax.jit(lambda e: parts(e, objective.LossOptions()))(emb)
     for key, images in (("vt_1", "img_global_1"), ("vt_2", "img_global_2")):
         want = np_sigmoid_loss(np.asarray(emb[images]), np.asarray(emb["txt_global"]), *MIDWAY)
         assert_close(one[key], want, 0.0, 1e-5, what=key)
@@ -175,14 +175,14 @@ def test_mama_loss_sigmoid_replaces_both_clip_terms_on_and_off_the_mesh():
         assert abs(float(softmax[key]) - want) > 0.1
     assert_close(one["vv"], softmax["vv"], 0.0, 1e-6, what="L_VV unchanged")
     # The official per-device negatives (D3) apply to the sigmoid terms too.
-    official = losses.LossOptions(clip_kind="sigmoid", negatives="per_device")
+    official = objective.LossOptions(clip_kind="sigmoid", negatives="per_device")
     per_device = jax.jit(lambda e: parts(e, official, mesh))(placed)
     host = {k: np.asarray(v) for k, v in emb.items()}
     want = np.mean([np_sigmoid_loss(host["img_global_1"][k:k + 2], host["txt_global"][k:k + 2],
                                     *MIDWAY) for k in range(0, 16, 2)])
     assert_close(per_device["vt_1"], want, 0.0, 1e-5, what="per-device vt_1")
     with pytest.raises(ValueError, match="logit_bias"):
-        losses.mama_loss(emb, step=0, delta=10, logit_scale=1.0, local_scale=1.0, options=sigmoid)
+        objective.mama_loss(emb, step=0, delta=10, logit_scale=1.0, local_scale=1.0, options=sigmoid)
 
 
 def test_unknown_or_conflicting_clip_kind_names_the_field():
@@ -195,7 +195,7 @@ def test_unknown_or_conflicting_clip_kind_names_the_field():
     with pytest.raises(factory.ConfigError, match=r"config\.loss\.clip_directions"):
         factory.loss_options(cfg)
     with pytest.raises(ValueError, match="clip_kind"):
-        losses.LossOptions(clip_kind="hinge")
+        objective.LossOptions(clip_kind="hinge")
     assert mama.CLIP_KINDS == losses.CLIP_KINDS
 
 

@@ -21,7 +21,8 @@ _INDEX_VERSION = "1"  # bump when the cached index format changes
 _EMPTY = np.zeros((0,), np.int32)
 
 
-def _text(value) -> str:
+def record_text(value) -> str:
+    """A record's text field (bytes, numpy bytes or str) as str."""
     value = value.item() if isinstance(value, np.ndarray) else value
     return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
 
@@ -92,7 +93,7 @@ def index_fields(source) -> dict[str, np.ndarray]:
             for k in INDEX_FIELDS:
                 if k not in record:
                     raise KeyError(f"record {i}: no field {k!r}")
-                fields[k].append(_text(record[k]))
+                fields[k].append(record_text(record[k]))
         return {k: np.asarray(v, dtype=str).reshape(-1) for k, v in fields.items()}
     data_dir, split = location
     cache = os.path.join(data_dir, "mama_jax_index", f"{split}-{_fingerprint(data_dir, split)}.npz")

@@ -168,7 +168,7 @@ class MaMA(nnx.Module):
                 "sent_mask": sent_mask}
 
     def head_embeddings(self, feats: dict, *, train: bool = True) -> dict:
-        """Embeddings for losses.mama_loss from tower_features of the whole batch (the
+        """Embeddings for objective.mama_loss from tower_features of the whole batch (the
         heads' BatchNorm statistics are taken over it)."""
         b = feats["pooled_1"].shape[0]
         pooled = jnp.concatenate([feats["pooled_1"], feats["pooled_2"]], axis=0)
@@ -185,7 +185,7 @@ class MaMA(nnx.Module):
 
     def __call__(self, batch: dict, *, train: bool = True, rngs: nnx.Rngs | None = None,
                  dropout_keys: jax.Array | None = None) -> dict:
-        """Embeddings for losses.mama_loss from a batch {view1, view2, input_ids, attention_mask}.
+        """Embeddings for objective.mama_loss from a batch {view1, view2, input_ids, attention_mask}.
 
         Text dropout draws from `rngs`, or from `dropout_keys`, one key per caption."""
         feats = self.tower_features(batch, train=train, rngs=rngs, dropout_keys=dropout_keys)
