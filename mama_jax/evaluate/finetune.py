@@ -136,7 +136,8 @@ def _inputs(cfg):
         known = np.flatnonzero(train >= 0)
         patients = extract.record_fields(sources[cfg.train_split], ("patient_id",))["patient_id"]
         keep = known[linear_probe.sample_fraction(patients[known], cfg.train_fraction, cfg.seed)]
-        labels[cfg.train_split] = np.where(np.isin(np.arange(len(train)), keep), train, -1)
+        labels[cfg.train_split] = np.full_like(train, -1)
+        labels[cfg.train_split][keep] = train[keep]
     flag = f"in_{task}_test_subset"  # the paper's stratified EMBED test subsets
     flags = (extract.record_fields(sources[cfg.eval_split], (flag,))[flag]
              if flag in extract.FLAG_FIELDS else None)
