@@ -44,7 +44,7 @@ class HeldOut:
     """A split's records prepared once: images, captions, boxes; `scored` indexes those
     with lesion boxes (the maps are scored on them, the identity test uses all)."""
 
-    def __init__(self, dataset_dir: str, split: str, image_size: int):
+    def __init__(self, dataset_dir: str, split: str, image_size: int, caption_style: str):
         source = pipeline.open_split(dataset_dir, split)
         self.records = [source[i] for i in range(len(source))]
         boxed = set(maps._scored_records(source, -1))
@@ -53,7 +53,7 @@ class HeldOut:
             raise ValueError(f"{dataset_dir} split {split!r}: no record has lesion boxes "
                              "(build the set with `python -m data_prep synthetic --localisation`)")
         self.split, self.size = split, image_size
-        self.captions = [captions.build_caption(r, style="structured", mask_prob=0.0)
+        self.captions = [captions.build_caption(r, style=caption_style, mask_prob=0.0)
                          for r in self.records]
         self.sentences = [maps.split_sentences(c) for c in self.captions]
         self.images = np.stack([eval_transform(r["image"], image_size) for r in self.records])
@@ -173,7 +173,7 @@ def evaluate_run(pretrain_workdir: str, split: str, *, diagnostics: bool, with_g
     pcfg = restore.load_pretrain_config(pretrain_workdir)
     model, tok, step = restore.restore_model(pretrain_workdir)
     size = int(pcfg.data.image_size)
-    held = HeldOut(pcfg.data.dataset_dir, split, size)
+    held = HeldOut(pcfg.data.dataset_dir, split, size, pcfg.data.caption_style)
     max_length = int(model.cfg.text.n_positions)
     result = {"step": int(step), "split": split, "n_images": len(held.scored),
               "n_images_all": len(held.records),

@@ -47,17 +47,28 @@ LESION_KINDS = ("The mass", "Findings", "Impressions", "Overall Assessment")
 
 # ---------------------------------------------------------------------------- data
 
-def make_dataset(work: Path, patients: int, seed: int) -> str:
+DEFAULT_LESION_SCALE = 2.0
+
+
+def data_tag(lesion_scale: float) -> str:
+    """Folder suffix of a localisation set other than the default one."""
+    return "" if lesion_scale == DEFAULT_LESION_SCALE else f"_scale{lesion_scale:g}"
+
+
+def make_dataset(work: Path, patients: int, seed: int, lesion_scale: float) -> str:
     """The localisation set under WORK (generated and built once); its TFDS folder."""
-    tfds_dir = work / "dataset" / "tfds" / "mammography" / "embed" / "1.0.0"
+    tag = data_tag(lesion_scale)
+    synthetic, dataset = work / f"synthetic{tag}", work / f"dataset{tag}"
+    tfds_dir = dataset / "tfds" / "mammography" / "embed" / "1.0.0"
     if not (tfds_dir / "dataset_info.json").exists():
         py = sys.executable
-        subprocess.run([py, "-m", "data_prep", "synthetic", "--out", str(work / "synthetic"),
-                        "--patients", str(patients), "--seed", str(seed), "--lesion-scale", "2",
-                        "--localisation"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run([py, "-m", "data_prep", "synthetic", "--out", str(synthetic),
+                        "--patients", str(patients), "--seed", str(seed),
+                        "--lesion-scale", f"{lesion_scale:g}", "--localisation"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         subprocess.run([py, "-m", "data_prep", "build", "--dataset", "embed",
-                        "--tables", str(work / "synthetic"), "--images", str(work / "synthetic"),
-                        "--out", str(work / "dataset"), "--workers", "2"],
+                        "--tables", str(synthetic), "--images", str(synthetic),
+                        "--out", str(dataset), "--workers", "2"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return str(tfds_dir)
 
@@ -125,7 +136,8 @@ def run_tag(settings) -> str:
 
 def ensure_run(args, dataset_dir: str, arm: str, seed: int) -> dict:
     """Train (unless finished) and score (unless scored) one arm x seed; its result."""
-    workdir = Path(args.work) / "runs" / f"{arm}{run_tag(args.set)}_s{seed}"
+    tag = run_tag(args.set) + data_tag(args.lesion_scale)
+    workdir = Path(args.work) / "runs" / f"{arm}{tag}_s{seed}"
     overrides = {**ARMS[arm], **dict(args.set)}
     if not (workdir / "DONE").exists():
         _child("_train", str(workdir), dataset_dir, str(seed), json.dumps(overrides),
@@ -207,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--patients", type=int, default=60)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--lesion-scale", type=float, default=DEFAULT_LESION_SCALE,
+                   help="mass radius multiplier of the generated set (data_prep synthetic)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    type=str, help="config override for every arm, e.g. --set train.steps 800")
     p.add_argument("--diagnostics", action="store_true",
@@ -230,7 +244,7 @@ def main(argv=None) -> int:
     args.set = [(k, _parse_value(v)) for k, v in args.set]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    dataset_dir = make_dataset(work, args.patients, args.data_seed)
+    dataset_dir = make_dataset(work, args.patients, args.data_seed, args.lesion_scale)
     results = {arm: {s: ensure_run(args, dataset_dir, arm, s) for s in args.seeds}
                for arm in args.arms}
     print(table(results, args.seeds, args.split))

@@ -132,7 +132,7 @@ def test_bad_records_name_the_field():
         cap.build_caption(_record(age=b"56"))
     with pytest.raises(ValueError, match="race"):
         cap.build_caption(_record(race=3))
-    with pytest.raises(ValueError, match="structured, structured_nomask, tabular, label_only"):
+    with pytest.raises(ValueError, match="structured, structured_nomask, tabular, label_only, one_finding"):
         cap.build_caption(_record(), style="natural")
 
 
@@ -181,6 +181,23 @@ def test_masking_is_deterministic_per_seed():
 def test_nomask_style_ignores_mask_prob():
     rng = np.random.default_rng(0)
     assert cap.build_caption(_record(), style="structured_nomask", mask_prob=1.0, rng=rng) == BIRADS4
+
+
+def test_one_finding_style():
+    text = cap.build_caption(_record(), style="one_finding")
+    lesion = "The mass is irregular and high density. A segmental pleomorphic calcification is present."
+    assert text == BIRADS4[: BIRADS4.index("Findings:")] + lesion
+    assert cap.count_sentences(text) == 8 == cap.MAX_SENTENCES["one_finding"]
+    # no lesion fields: the BI-RADS finding sentence alone, no impression lines
+    negative = cap.build_caption(_record(birads=np.int64(1), mass_shape=b"", mass_density=b"",
+                                         calc_type=b"", calc_distribution=b""), style="one_finding")
+    assert negative.endswith("\nFindings: The mammogram shows that no significant masses, "
+                             "calcification, or other abnormalities are present.")
+    assert "Impressions" not in negative and "Overall Assessment" not in negative
+    # masked like structured
+    masked = cap.build_caption(_record(), style="one_finding", mask_prob=1.0,
+                               rng=np.random.default_rng(0))
+    assert "unknown years old" in masked and masked.endswith(lesion)
 
 
 def test_tabular_style():

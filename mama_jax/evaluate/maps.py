@@ -238,12 +238,13 @@ def run(cfg, workdir: str) -> dict:
     out_dir = os.path.join(workdir, MAPS_DIR)
     os.makedirs(out_dir, exist_ok=True)
 
+    style = pcfg.data.get("caption_style", "structured")  # the captions it was trained on
     maps, skipped, scores = [], [], []
     drawn = set(records)
     for index in records + [i for i in scored if i not in drawn]:
         record = source[index]
         image_id = record_text(record["image_id"])
-        caption = captions.build_caption(record, style="structured", mask_prob=0.0)
+        caption = captions.build_caption(record, style=style, mask_prob=0.0)
         sentences = split_sentences(caption)
         queries = [cfg.sentence] if index in drawn else []  # scored-only records draw nothing
         mass = captions.MASS_SENTENCE

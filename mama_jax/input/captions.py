@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-STYLES = ("structured", "structured_nomask", "tabular", "label_only")
+STYLES = ("structured", "structured_nomask", "tabular", "label_only", "one_finding")
 META_FIELDS = ("age", "race", "ethnicity", "image_type", "side", "view")
 TASKS = ("birads", "density", "cancer")
 PREFIXES = ("official", "patient_image", "none")
@@ -89,7 +89,8 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
 
 # Most sentence ends a caption of each style can have (all segments present; values are
 # cleaned of "." and ";"): for sizing the per-caption sentence arrays.
-MAX_SENTENCES = {"structured": 11, "structured_nomask": 11, "tabular": 14, "label_only": 2}
+MAX_SENTENCES = {"structured": 11, "structured_nomask": 11, "tabular": 14, "label_only": 2,
+                 "one_finding": 8}
 
 
 def count_sentences(caption: str) -> int:
@@ -220,15 +221,19 @@ def _composition_line(density: int) -> str:
     return f"{line} {DENSE_NOTE}" if density in DENSE_VALUES else line
 
 
+def _lesion_sentences(fields: Mapping[str, Any]) -> list[str]:
+    out = []
+    # The official template adds each only when both of its codes decode.
+    if fields["mass_shape"] and fields["mass_density"]:
+        out.append(f"{MASS_SENTENCE} is {fields['mass_shape']} and {fields['mass_density']}.")
+    if fields["calc_type"] and fields["calc_distribution"]:
+        out.append(f"A {fields['calc_distribution']} {fields['calc_type']} calcification is present.")
+    return out
+
+
 def _findings_line(k: int, fields: Mapping[str, Any] | None = None) -> str:
-    line = f"Findings: The mammogram shows that {BIRADS_FINDING[k]}."
-    if fields is not None:
-        # The official template adds each only when both of its codes decode.
-        if fields["mass_shape"] and fields["mass_density"]:
-            line += f" {MASS_SENTENCE} is {fields['mass_shape']} and {fields['mass_density']}."
-        if fields["calc_type"] and fields["calc_distribution"]:
-            line += f" A {fields['calc_distribution']} {fields['calc_type']} calcification is present."
-    return line
+    lesions = [] if fields is None else _lesion_sentences(fields)
+    return " ".join([f"Findings: The mammogram shows that {BIRADS_FINDING[k]}.", *lesions])
 
 
 def _impression_lines(k: int) -> list[str]:
@@ -243,6 +248,22 @@ def _structured(fields: Mapping[str, Any], words: Mapping[str, str]) -> list[str
     if fields["birads"] != -1:
         lines.append(_findings_line(fields["birads"], fields))
         lines += _impression_lines(fields["birads"])
+    return lines
+
+
+def _one_finding(fields: Mapping[str, Any], words: Mapping[str, str]) -> list[str]:
+    """The structured report with one finding in place of the BI-RADS block: the mass and
+    calcification sentences where the record has them, else the BI-RADS finding sentence;
+    no impression or assessment lines. A lesion is then named by one sentence only, so the
+    local loss has one sentence to give its patches to (experiments/sla_localisation.py)."""
+    lines = _procedure_lines(fields) + _meta_lines(words)
+    if fields["density"] != -1:
+        lines.append(_composition_line(fields["density"]))
+    lesions = _lesion_sentences(fields)
+    if lesions:
+        lines.append(" ".join(lesions))
+    elif fields["birads"] != -1:
+        lines.append(_findings_line(fields["birads"]))
     return lines
 
 
@@ -287,6 +308,11 @@ def build_caption(record: Mapping[str, Any], *, style: str = "structured",
     label_only         CLIP style (Table 6): only the class labels, in the structured
                        wording, "BI-RADS Category k: desc. The breast is desc." (whichever
                        is known), so its sentences match the zero-shot prompts' wording.
+    one_finding        structured, masked alike, with one finding sentence in place of the
+                       findings / impressions / assessment block (not in the paper; for
+                       the localisation experiment): "The mass is ..." (and the
+                       calcification sentence) where the record has a lesion, else the
+                       BI-RADS finding ("Findings: The mammogram shows that ...").
     """
     if style not in STYLES:
         raise ValueError(f"unknown caption style {style!r}; choose one of {', '.join(STYLES)}")
@@ -296,7 +322,8 @@ def build_caption(record: Mapping[str, Any], *, style: str = "structured",
     words = meta_words(fields)
     if style != "structured_nomask":
         words = mask_meta(words, mask_prob, rng)
-    lines = _tabular(fields, words) if style == "tabular" else _structured(fields, words)
+    build = {"tabular": _tabular, "one_finding": _one_finding}.get(style, _structured)
+    lines = build(fields, words)
     return "\n".join(lines)
 
 
