@@ -11,7 +11,7 @@ whole batch, and need num_threads batches in memory). Every random choice of an 
 (second view, caption masking, both augmentations) comes from that one rng.
 
 Threads, not processes: on few cores grain worker processes are slower (§4), and the
-work here (zlib, cv2, tokenizers) mostly runs outside the GIL.
+work here (libdeflate, cv2, tokenizers) mostly runs outside the GIL.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import cv2
 import grain
 import numpy as np
 
-from mama_jax.input import augment, captions
+from mama_jax.input import augment, captions, records
 from mama_jax.input.augment import eval_transform, train_transform  # noqa: F401  (public API)
 from mama_jax.input.tokenizer import TextTokenizer, encode_caption
 from mama_jax.input.study_index import SECOND_VIEWS, index_fields, study_index  # noqa: F401 (public API)
@@ -110,7 +110,7 @@ def open_split(dataset_dir: str, split: str):
     available = sorted(builder.info.splits.keys())
     if split not in available:
         raise KeyError(f"{dataset_dir}: no split {split!r}; it has {', '.join(available) or 'none'}")
-    return builder.as_data_source(split=split)
+    return records.RecordSource(builder.as_data_source(split=split))
 
 
 # ----------------------------------------------------------------------------- study index
@@ -185,7 +185,7 @@ class TrainExample:
         cfg, index = self.cfg, int(index)
         record = self.source[index]
         other = choose_second_view(index, self.candidates[index], cfg.second_view, cfg.p_self, rng)
-        image2 = record["image"] if other == index else self.source[other]["image"]
+        image2 = record["image"] if other == index else records.image_of(self.source, other)
         caption = captions.build_caption(record, style=cfg.caption_style,
                                          mask_prob=cfg.mask_prob, rng=rng)
         return {
