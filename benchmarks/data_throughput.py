@@ -1,14 +1,18 @@
-"""Input pipeline throughput: mama_jax.input.pipeline.train_iterator examples/s by image size and threads,
-for views sent to the device as float32 [S, S, 3] (transfer rgb_float32, the path before)
-and as uint16 [S, S] (grey, normalised on the device), with the bytes of a batch.
+"""Input pipeline throughput: mama_jax.input.pipeline.train_iterator examples/s by image size
+and threads, before and after issue 16, with the bytes of a batch. Three paths:
+
+  before  TFDS's own record decode (zlib), views sent as float32 [S, S, 3] (transfer rgb_float32)
+  grey    TFDS's decode, views sent as uint16 [S, S] (grey: normalised on the device)
+  after   input/records.py's decode (libdeflate; a second view decodes its image only), grey
 
   python benchmarks/data_throughput.py                         # builds a synthetic dataset first
   python benchmarks/data_throughput.py --dataset-dir OUT/tfds/mammography/embed/1.0.0
 
-Prints, per record: read + decode time alone (TFDS source[i]: ArrayRecord read, example
-parse, image decode; and the raw ArrayRecord read by itself), the train augmentation time of one view at each size and caption
-+ tokenisation time; then train_iterator examples/s (one example = two augmented views +
-a tokenised caption) for each --image-sizes x --threads, after a warm-up batch.
+Prints, per record: read + decode time alone for both readers (and the raw ArrayRecord read
+by itself), the train augmentation time of one view at each size and caption + tokenisation
+time; then train_iterator examples/s (one example = two augmented views + a tokenised
+caption) for each --image-sizes x --threads, after a warm-up batch, the paths interleaved
+--repeats times (a busy host slows all alike), medians and the after / before ratio.
 The synthetic dataset is built from data_prep.synthetic phantoms at --phantom-size,
 cropped and resized to a long side of 1036 (the default record size).
 """
@@ -45,18 +49,34 @@ def tokenizer_for(source, folder: str) -> tok_lib.TextTokenizer:
     return tok_lib.load_tokenizer(tok_lib.build_tiny_tokenizer(folder, texts, vocab_size=1000))
 
 
+# path -> (reader, transfer); reader "tfds" is TFDS's decode, "records" input/records.py's
+PATHS = {"before": ("tfds", "rgb_float32"), "grey": ("tfds", "grey"), "after": ("records", "grey")}
+
+
+def reader(source, name: str):
+    return source.tfds_source if name == "tfds" else source
+
+
 def per_record_costs(source, tok, image_sizes, n: int) -> None:
     n = min(n, len(source))
     t0 = time.perf_counter()
     nbytes = sum(len(source.data_source[i]) for i in range(n))  # serialised record bytes only
     raw_ms = (time.perf_counter() - t0) / n * 1e3
+    for name, what in (("tfds", "TFDS decode"), ("records", "input/records.py")):
+        src = reader(source, name)
+        t0 = time.perf_counter()
+        records = [src[i] for i in range(n)]
+        read_ms = (time.perf_counter() - t0) / n * 1e3
+        shapes = np.array([r["image"].shape for r in records])
+        print(f"read + decode ({what}): {read_ms:.1f} ms/record ({1e3 / read_ms:.0f} records/s, "
+              f"one thread; {n} records, mean image {shapes[:, 0].mean():.0f} x "
+              f"{shapes[:, 1].mean():.0f} uint16, {nbytes / n / 1e6:.2f} MB stored)")
     t0 = time.perf_counter()
-    records = [source[i] for i in range(n)]
-    read_ms = (time.perf_counter() - t0) / n * 1e3
-    shapes = np.array([r["image"].shape for r in records])
-    print(f"read + decode: {read_ms:.1f} ms/record ({1e3 / read_ms:.0f} records/s, one thread; "
-          f"{n} records, mean image {shapes[:, 0].mean():.0f} x {shapes[:, 1].mean():.0f} uint16, "
-          f"{nbytes / n / 1e6:.2f} MB stored); of which the ArrayRecord read alone {raw_ms:.1f} ms")
+    for i in range(n):
+        source.image(i)
+    print(f"image alone (input/records.py, a second view): "
+          f"{(time.perf_counter() - t0) / n * 1e3:.1f} ms/record; the ArrayRecord read alone "
+          f"{raw_ms:.1f} ms")
     rng = np.random.default_rng(0)
     for size in image_sizes:
         for transfer in ("rgb_float32", "grey"):
@@ -73,11 +93,13 @@ def per_record_costs(source, tok, image_sizes, n: int) -> None:
 
 
 def iterator_rate(dataset_dir: str, tok, size: int, threads: int, batch: int, batches: int,
-                  transfer: str) -> tuple[float, int]:
+                  path: str) -> tuple[float, int]:
     """(examples/s, bytes of the batch's arrays) of train_iterator after a warm-up batch."""
+    name, transfer = PATHS[path]
     cfg = pipeline.DataConfig(dataset_dir=dataset_dir, image_size=size, global_batch_size=batch,
-                          max_length=144, num_threads=threads, prefetch=2, transfer=transfer)
-    it = pipeline.train_iterator(cfg, tok)
+                              max_length=144, num_threads=threads, prefetch=2, transfer=transfer)
+    source = reader(pipeline.open_split(dataset_dir, "train"), name)
+    it = pipeline.train_iterator(cfg, tok, source=source)
     next(it)  # opens the source, builds the study index, starts the threads
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -89,24 +111,26 @@ def iterator_rate(dataset_dir: str, tok, size: int, threads: int, batch: int, ba
     return batches * batch / seconds, sum(v.nbytes for v in b.values())
 
 
-def compare_transfers(dataset_dir: str, tok, size: int, threads: int, args) -> None:
-    """Both transfers, interleaved args.repeats times (a busy host slows both alike); medians."""
-    rates = {t: [] for t in pipeline.TRANSFERS}
+def compare_paths(dataset_dir: str, tok, size: int, threads: int, args) -> None:
+    """The PATHS, interleaved args.repeats times; medians."""
+    rates = {p: [] for p in PATHS}
     nbytes = {}
     for _ in range(args.repeats):
-        for transfer in ("rgb_float32", "grey"):
-            rate, nbytes[transfer] = iterator_rate(dataset_dir, tok, size, threads, args.batch,
-                                                   args.batches, transfer)
-            rates[transfer].append(rate)
+        for path in PATHS:
+            rate, nbytes[path] = iterator_rate(dataset_dir, tok, size, threads, args.batch,
+                                               args.batches, path)
+            rates[path].append(rate)
     cores = min(threads, os.cpu_count() or 1)
-    med = {t: float(np.median(r)) for t, r in rates.items()}
-    for transfer in ("rgb_float32", "grey"):
-        print(f"  @{size} px, {threads} thread(s), {transfer:>11}: {med[transfer]:.1f} examples/s, "
-              f"{med[transfer] / cores:.1f} examples/s/core, {nbytes[transfer] / 2 ** 20:.1f} MiB "
-              f"per batch of {args.batch} (runs: {', '.join(f'{r:.1f}' for r in rates[transfer])})")
-    print(f"  @{size} px, {threads} thread(s): grey / rgb_float32 = "
-          f"{med['grey'] / med['rgb_float32']:.2f}x examples/s, "
-          f"{nbytes['rgb_float32'] / nbytes['grey']:.2f}x fewer bytes per batch")
+    med = {p: float(np.median(r)) for p, r in rates.items()}
+    for path, (name, transfer) in PATHS.items():
+        print(f"  @{size} px, {threads} thread(s), {path:>6} ({name} + {transfer}): "
+              f"{med[path]:.1f} examples/s, {med[path] / cores:.1f} examples/s/core, "
+              f"{nbytes[path] / 2 ** 20:.1f} MiB per batch of {args.batch} "
+              f"(runs: {', '.join(f'{r:.1f}' for r in rates[path])})")
+    print(f"  @{size} px, {threads} thread(s): after / before = "
+          f"{med['after'] / med['before']:.2f}x examples/s/core (grey transfer alone "
+          f"{med['grey'] / med['before']:.2f}x), {nbytes['before'] / nbytes['after']:.2f}x fewer "
+          f"bytes per batch")
 
 
 def main() -> None:
@@ -128,11 +152,10 @@ def main() -> None:
         tok = tokenizer_for(source, os.path.join(work, "tokenizer"))
         print(f"dataset: {dataset_dir} ({len(source)} train records); {os.cpu_count()} CPU cores")
         per_record_costs(source, tok, args.image_sizes, args.records)
-        print(f"train_iterator, batch {args.batch}, {args.batches} batches after a warm-up batch, "
-              f"views sent as float32 [S, S, 3] (rgb_float32, before) or uint16 [S, S] (grey):")
+        print(f"train_iterator, batch {args.batch}, {args.batches} batches after a warm-up batch:")
         for size in args.image_sizes:
             for threads in args.threads:
-                compare_transfers(dataset_dir, tok, size, threads, args)
+                compare_paths(dataset_dir, tok, size, threads, args)
 
 
 if __name__ == "__main__":

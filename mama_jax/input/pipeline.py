@@ -286,7 +286,7 @@ def train_dataset(cfg: DataConfig, tokenizer: TextTokenizer, *, process_index: i
 
 
 def train_iterator(cfg: DataConfig, tokenizer: TextTokenizer, *, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
+                   process_count: int = 1, source: Sequence | None = None) -> grain.DatasetIterator:
     """Endless iterator of this host's train batches (global_batch_size // process_count).
 
     Batch: view1, view2 uint16 [B, S, S] (float32 [B, S, S, 3] with cfg.transfer
@@ -299,7 +299,8 @@ def train_iterator(cfg: DataConfig, tokenizer: TextTokenizer, *, process_index: 
     if cfg.global_batch_size % process_count:
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by "
                          f"process_count {process_count}")
-    ds = train_dataset(cfg, tokenizer, process_index=process_index, process_count=process_count)
+    ds = train_dataset(cfg, tokenizer, process_index=process_index, process_count=process_count,
+                       source=source)
     return _batched_iterator(ds, cfg, cfg.global_batch_size // process_count, drop_remainder=True)
 
 
