@@ -5,10 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORK ?= $(CURDIR)/work
-DEMO_PATIENTS ?= 40
-# The demo sees 112-px images (8 x 8 patches; the paper: 518 px, 37 x 37): masses drawn
-# 3x larger cover about as many patches as a real mass does at the paper's resolution.
-DEMO_LESION_SCALE ?= 3
+DEMO_PATIENTS ?= 60
+# The demo sees 112-px images (8 x 8 patches; the paper: 518 px, 37 x 37). Its set is the
+# localisation set of experiments/sla_localisation.py (the same patients, seed and scale):
+# in every study one breast carries a mass of at least about 2 x 2 patches, the other none,
+# so the sentence maps have something to find at this grid.
+DEMO_LESION_SCALE ?= 2
 
 # Keep every cache out of the home folder.
 CACHE := $(or $(TMPDIR),/tmp)/mama_jax_cache
@@ -49,7 +51,7 @@ browser:
 DATASET := $(WORK)/dataset/tfds/mammography/embed/1.0.0
 
 demo: $(VENV)/.core
-	$(PY) -m data_prep synthetic --out $(WORK)/synthetic --patients $(DEMO_PATIENTS) --seed 0 --lesion-scale $(DEMO_LESION_SCALE)
+	$(PY) -m data_prep synthetic --out $(WORK)/synthetic --patients $(DEMO_PATIENTS) --seed 0 --lesion-scale $(DEMO_LESION_SCALE) --localisation
 	$(PY) -m data_prep build --dataset embed --tables $(WORK)/synthetic --images $(WORK)/synthetic --out $(WORK)/dataset
 	$(PY) -m mama_jax.main --config=configs/demo.py --workdir=$(WORK)/demo --config.data.dataset_dir=$(DATASET)
 	$(PY) -m mama_jax.report_losses $(WORK)/demo
@@ -58,7 +60,7 @@ demo: $(VENV)/.core
 	$(PY) -m mama_jax.main --config=configs/linear_probe.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/finetune.py:demo --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/finetune.py:demo --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo --config.protocol=linear
-	$(PY) -m mama_jax.main --config=configs/maps.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo
+	$(PY) -m mama_jax.main --config=configs/maps.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo --config.sentence="The mass"
 	$(PY) -m mama_jax.main --config=configs/report.py --workdir=$(WORK)/demo
 	$(PY) -m mama_jax.main --config=configs/export.py --workdir=$(WORK)/demo --config.pretrain_workdir=$(WORK)/demo --config.probe_workdir=$(WORK)/demo --config.finetune_workdir=$(WORK)/demo
 	@echo "Report: $(WORK)/demo/report.md   Exported model: $(WORK)/demo/export"
