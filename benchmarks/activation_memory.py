@@ -1,6 +1,6 @@
 """Activation memory of MaMA's training step, from what JAX's autodiff saves.
 
-The step (mama_jax/train.py) with train.micro_batches = k:
+The step (mama_jax/train/pretrain.py) with train.micro_batches = k:
   k = 1  the towers (MaMA.tower_features) and the heads (MaMA.head_embeddings) run on the
          whole per-device batch under one backward pass;
   k > 1  exact accumulation, GradCache-style: (a) the towers run on each micro-batch
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mama_jax import grad_cache, losses
+from mama_jax import losses
+from mama_jax.train import grad_cache
 from mama_jax.models import mama, text as text_lib, vit
 # What jax.ad_checkpoint.print_saved_residuals prints, as a list (no public equivalent).
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
@@ -205,7 +206,7 @@ def heads_grad(mcfg):
 
 def training_grad(mcfg, micro_batches: int = 1):
     """(g(trainable, rest, batch) -> gradients of what trains, trainable, rest): the training
-    step's forward + backward (mama_jax/grad_cache.py, one pass or k micro-batches) on an
+    step's forward + backward (mama_jax/train/grad_cache.py, one pass or k micro-batches) on an
     abstract model, the loss a sum of every embedding."""
     graphdef, trainable, rest = split_model(mcfg)
 

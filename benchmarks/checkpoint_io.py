@@ -43,13 +43,14 @@ def paper_bytes() -> dict:
     import jax
     from flax import nnx
 
-    from mama_jax import checkpoint, factory, optim, train
+    from mama_jax import factory
+    from mama_jax.train import checkpoint, optim, pretrain
     from mama_jax.models import mama
 
     cfg = paper_config()
     model = nnx.eval_shape(lambda: factory.model(cfg, VocabOnly(cfg.model.text)))
     _, trainable, rest = nnx.split(model, mama.trainable_filter(model.cfg), ...)
-    tx = optim.make_optimizer(cfg.optim, trainable, late_groups=train.late_start_groups(cfg))
+    tx = optim.make_optimizer(cfg.optim, trainable, late_groups=pretrain.late_start_groups(cfg))
     opt = nbytes(jax.eval_shape(tx.init, trainable))
     changing, frozen = checkpoint.split_frozen(rest)
     return {"former_step": nbytes(trainable) + nbytes(rest) + opt,
@@ -71,7 +72,8 @@ def small_config(args):
 def prepare(args, root: str) -> str:
     """Converted towers + a 1-step checkpointed run under root; returns the run's workdir."""
     from data_prep import build, synthetic
-    from mama_jax import factory, train
+    from mama_jax import factory
+    from mama_jax.train import pretrain
     from mama_jax.models import convert
 
     synthetic.generate(os.path.join(root, "raw"), patients=4, seed=0, image_size=(160, 128))
@@ -92,7 +94,7 @@ def prepare(args, root: str) -> str:
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config_pretrain.json"), "w") as f:
         f.write(cfg.to_json_best_effort())
-    train.train(cfg, workdir)
+    pretrain.train(cfg, workdir)
     return workdir
 
 

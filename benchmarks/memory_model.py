@@ -6,7 +6,7 @@ and against XLA.
 Model: configs/pretrain.py (DINOv2 ViT-B/14 reg4 @ --image-size, BioMedLM 32 x 2560 with a
 frozen bf16 base and LoRA rank 8 on c_attn, d 512, bf16 compute, scan over layers). The
 model is built with nnx.eval_shape (no weight is allocated); parameter and optimiser
-bytes per device come from its abstract state, split by mama_jax.sharding.state_shardings
+bytes per device come from its abstract state, split by mama_jax.train.sharding.state_shardings
 (the same rule Run.create uses) on an abstract data x fsdp mesh.
 
 The step with train.micro_batches = k is exact accumulation (GradCache; activation_memory.py
@@ -72,7 +72,8 @@ from jax.sharding import AbstractMesh, AxisType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import pretrain  # noqa: E402
-from mama_jax import factory, sharding  # noqa: E402
+from mama_jax import factory  # noqa: E402
+from mama_jax.train import sharding  # noqa: E402
 from mama_jax.models import mama, text as text_lib  # noqa: E402
 from activation_memory import (batch_spec, feature_spec, head_activation_bytes,  # noqa: E402
                                heads_grad, local_loss_bytes, nbytes, tower_activation_bytes,
@@ -115,7 +116,7 @@ class AbstractState:
     @functools.cached_property
     def opt_state(self):
         """AdamW's moments, counted directly (mu and nu shaped and split like the weights;
-        tests/test_memory_plan.py checks this against mama_jax.optim.make_optimizer)."""
+        tests/test_memory_plan.py checks this against mama_jax.train.optim.make_optimizer)."""
         return {"mu": self.trainable, "nu": self.trainable}
 
     @functools.cached_property

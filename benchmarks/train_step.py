@@ -1,4 +1,4 @@
-"""Pretraining step throughput and MFU of the full MaMA step (mama_jax.train.Run.step).
+"""Pretraining step throughput and MFU of the full MaMA step (mama_jax.train.pretrain.Run.step).
 
   python benchmarks/train_step.py                                  # paper size: ViT-B/14-reg @518, BioMedLM, bf16
   python benchmarks/train_step.py --vit small --image-size 224 --text biomedlm --text-layers 2   # CPU-sized
@@ -21,7 +21,7 @@ leaves named `kernel`; T = tokens, L = layers, D = width):
   local loss:             6 B S P d   (B^2 caption-image pairs x S sentences x P patches)
 MFU = model FLOPs per step / step time / peak bf16 FLOP/s of the device.
 
---micro-batches K times the exact-accumulation step (mama_jax/grad_cache.py) on the same
+--micro-batches K times the exact-accumulation step (mama_jax/train/grad_cache.py) on the same
 global batch, then the one-pass step, and prints the cost ratio. Model FLOPs are the same
 for both (the towers' second forward is recompute, which MFU does not count).
 """
@@ -41,7 +41,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo, pretrain  # noqa: E402
-from mama_jax import factory, sharding, train  # noqa: E402
+from mama_jax import factory  # noqa: E402
+from mama_jax.train import pretrain, sharding  # noqa: E402
 from mama_jax.models import text as text_lib
 from mama_jax.input import tokenizer as tok_lib  # noqa: E402
 
@@ -147,7 +148,7 @@ def measure(cfg, tok, args, batch: int, micro_batches: int = 1) -> dict:
     with text_layers(args.text_layers):
         model = factory.model(cfg, tok)
     flops = flops_per_sample(model, cfg.data.image_size, cfg.data.max_length, batch)
-    run = train.Run.create(cfg, model, mesh)
+    run = pretrain.Run.create(cfg, model, mesh)
     del model
     build_s = time.perf_counter() - t0
     global_batch = sharding.shard_batch(

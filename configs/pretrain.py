@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=40000, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
         # Split the global batch into this many micro-batches (exact accumulation,
-        # mama_jax/grad_cache.py): the loss still sees the whole batch, memory holds one
+        # mama_jax/train/grad_cache.py): the loss still sees the whole batch, memory holds one
         # micro-batch's tower activations. docs/scaling.md gives k per GPU set-up.
         micro_batches=1,
         # Zero-shot density / BI-RADS / cancer bACC and AUC on the validation split every

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mama_jax import losses, objective, sharding
+from mama_jax import losses, objective
 from mama_jax.input import captions, pipeline, tokenizer as tok_lib
 from mama_jax.models import convert, mama, text, vit
 from mama_jax.models.lora import LoRAConfig
+from mama_jax.train import sharding
 
 
 class ConfigError(ValueError):

@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mama_jax import sharding
+from mama_jax.train import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and reports go")
@@ -18,7 +18,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # config.mode -> "module:function"; each job is run(cfg, workdir) -> dict of results.
 JOBS = {
-    "pretrain": "mama_jax.evaluate.during_training:pretrain",  # train.train + validation zero-shot
+    "pretrain": "mama_jax.evaluate.during_training:pretrain",  # train/pretrain.py + validation zero-shot
     "extract": "mama_jax.evaluate.extract:run",
     "zeroshot": "mama_jax.evaluate.zeroshot:run",
     "linear_probe": "mama_jax.evaluate.linear_probe:run",

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from mama_jax import metrics
+from mama_jax.train import metrics_log
 
 TERMS = ("total", "total_wo_local", "vt_1", "vt_2", "vv", "local")
 
 
 def summarize(workdir: str, window: int = 50) -> dict:
-    rows = metrics.read_metrics(workdir)
+    rows = metrics_log.read_metrics(workdir)
     if not rows:
         raise ValueError(f"{workdir}/metrics.jsonl has no rows")
     steps = sorted(rows)

@@ -43,7 +43,7 @@ def pretrained_workdir(tiny_dataset, tmp_path_factory):
     import json
 
     from configs import demo
-    from mama_jax import train
+    from mama_jax.train import pretrain
 
     cfg = demo.get_config("test")
     cfg.data.dataset_dir = tiny_dataset
@@ -51,5 +51,5 @@ def pretrained_workdir(tiny_dataset, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pretrained"))
     with open(os.path.join(workdir, "config_pretrain.json"), "w") as f:
         json.dump(json.loads(cfg.to_json_best_effort()), f)
-    train.train(cfg, workdir)
+    pretrain.train(cfg, workdir)
     return workdir

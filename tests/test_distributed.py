@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from mama_jax import checkpoint, factory, optim, sharding, train
+from mama_jax import factory
+from mama_jax.train import checkpoint, optim, pretrain, sharding
 from mama_jax.input import pipeline
 from tests import tolerances
 
@@ -64,7 +65,7 @@ def _log(logs, i):
 def _restore_run(cfg, workdir, step, mesh):
     """A Run on `mesh` restored from workdir's checkpoint `step`, with its data iterator."""
     tok = factory.tokenizer(cfg, workdir)
-    run = train.Run.create(cfg, factory.model(cfg, tok), mesh)
+    run = pretrain.Run.create(cfg, factory.model(cfg, tok), mesh)
     iterator = pipeline.train_iterator(factory.data_config(cfg), tok)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     run.restore(ckpt, step, iterator)
@@ -99,8 +100,8 @@ def test_two_processes_match_one_and_a_dead_peer_stops_the_other(tiny_dataset, p
     print(f"survivor exited {waited:.1f} s after its peer was killed (rc {rc})")
 
     # Steps 1-3: same losses as the 1-process, 8-device run of the same config.
-    one = train.per_step_losses(pretrained_workdir)
-    two = train.per_step_losses(workdir)
+    one = pretrain.per_step_losses(pretrained_workdir)
+    two = pretrain.per_step_losses(workdir)
     for step in (1, 2, 3):
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
 
@@ -124,7 +125,7 @@ def test_two_processes_match_one_and_a_dead_peer_stops_the_other(tiny_dataset, p
     np.testing.assert_array_equal(batch_two["index"], batch_one["index"])
     key = jax.random.key(3)
     loss_two, loss_one = (float(run.step(sharding.shard_batch(
-        {k: batch[k] for k in train.STEP_INPUTS}, mesh), 3, key)["total"])
+        {k: batch[k] for k in pretrain.STEP_INPUTS}, mesh), 3, key)["total"])
         for run, batch in ((run_two, batch_two), (run_one, batch_one)))
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
 
@@ -133,7 +134,7 @@ def test_two_processes_match_one_and_a_dead_peer_stops_the_other(tiny_dataset, p
     latest = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
     procs = _launch_pair(workdir, tiny_dataset, steps=1000, logs=logs)
     deadline = time.time() + 600
-    while max(train.per_step_losses(workdir), default=0) < latest + 2 and time.time() < deadline:
+    while max(pretrain.per_step_losses(workdir), default=0) < latest + 2 and time.time() < deadline:
         assert all(p.poll() is None for p in procs), _log(logs, 0)[-3000:] + _log(logs, 1)[-3000:]
         time.sleep(0.1)
     procs[1].send_signal(signal.SIGTERM)
@@ -145,7 +146,7 @@ def test_two_processes_match_one_and_a_dead_peer_stops_the_other(tiny_dataset, p
     stop_step = int(saved[0][-1])
     assert stop_step >= latest + 2
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == stop_step
-    assert max(train.per_step_losses(workdir)) == stop_step
+    assert max(pretrain.per_step_losses(workdir)) == stop_step
 
 
 def test_checkpoint_from_8_devices_continues_on_2_and_1(tiny_dataset, pretrained_workdir):
@@ -156,7 +157,7 @@ def test_checkpoint_from_8_devices_continues_on_2_and_1(tiny_dataset, pretrained
         mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:n])
         run, iterator = _restore_run(cfg, pretrained_workdir, 3, mesh)
         batch = next(iterator)
-        out = run.step(sharding.shard_batch({k: batch[k] for k in train.STEP_INPUTS}, mesh), 3, key)
+        out = run.step(sharding.shard_batch({k: batch[k] for k in pretrain.STEP_INPUTS}, mesh), 3, key)
         losses[n] = float(out["total"])
     assert np.isfinite(losses[8])
     assert losses[2] == pytest.approx(losses[8], rel=1e-5)

@@ -13,7 +13,8 @@ from flax import nnx
 
 from configs import finetune as finetune_config
 from configs import report as report_config
-from mama_jax import checkpoint, factory, loop, metrics as run_metrics
+from mama_jax import factory
+from mama_jax.train import checkpoint, loop, metrics_log
 from mama_jax.evaluate import extract, finetune, finetune_model, linear_probe, report, restore
 from mama_jax.input import balanced_sampler, pipeline
 
@@ -119,7 +120,7 @@ def test_short_run_writes_finite_metrics_and_moves_the_vit(straight, pretrained_
         assert saved[f"birads/fft/{name}/bacc"] == ev["balanced_accuracy"]
         assert saved[f"birads/fft/{name}/auc"] == ev["auc"]
         assert len(ev["ci95"]["auc"]) == 2 and np.array(ev["confusion"]).shape == (7, 7)
-    logged = run_metrics.read_metrics(os.path.join(workdir, "finetune", "birads"))
+    logged = metrics_log.read_metrics(os.path.join(workdir, "finetune", "birads"))
     assert sorted(logged) == [1, 2, 3, 4]
     assert all(math.isfinite(row["loss"]) for row in logged.values())
     assert entry["train_loss"] == logged[4]["loss"]
@@ -177,8 +178,8 @@ def test_sigterm_nan_stop_then_resume_reproduce_the_straight_run(straight, pretr
     monkeypatch.setattr(finetune_model.State, "step", real_step)
     resumed = finetune.run(_config(pretrained_workdir), workdir)
     assert steps_done == ["a", "a", "b"]
-    expected = run_metrics.read_metrics(os.path.join(straight_dir, "finetune", "birads"))
-    logged = run_metrics.read_metrics(os.path.join(workdir, "finetune", "birads"))
+    expected = metrics_log.read_metrics(os.path.join(straight_dir, "finetune", "birads"))
+    logged = metrics_log.read_metrics(os.path.join(workdir, "finetune", "birads"))
     assert sorted(logged) == [1, 2, 3, 4]
     for step in range(1, 5):
         assert logged[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6), step

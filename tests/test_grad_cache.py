@@ -1,4 +1,4 @@
-"""Exact accumulation (mama_jax/grad_cache.py): k micro-batches give the one-pass step's loss,
+"""Exact accumulation (mama_jax/train/grad_cache.py): k micro-batches give the one-pass step's loss,
 gradients and update on the same global batch, with text dropout on, on 1 device and on
 8 (data 8, and data 4 x fsdp 2)."""
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mama_jax import factory, grad_cache, sharding, train
+from mama_jax import factory
+from mama_jax.train import grad_cache, pretrain, sharding
 from mama_jax.input import pipeline
 from tests.tolerances import assert_adam_first_step_close, assert_grads_close, flat
 
@@ -44,7 +45,7 @@ def test_micro_batches_must_split_into_whole_per_device_batches(tiny_dataset, to
     cfg = _config(tiny_dataset, 16)
     cfg.train.micro_batches = 3
     with pytest.raises(ValueError, match="global_batch_size=16"):
-        train.Run.create(cfg, factory.model(cfg, tokenizer), sharding.make_mesh(1, 1, jax.devices()[:1]))
+        pretrain.Run.create(cfg, factory.model(cfg, tokenizer), sharding.make_mesh(1, 1, jax.devices()[:1]))
 
 
 @pytest.mark.parametrize("devices, fsdp, global_batch", [(1, 1, 16), (8, 1, 32), (8, 2, 32)],
@@ -55,14 +56,14 @@ def test_k_micro_batches_equal_the_one_pass_step(tiny_dataset, tokenizer, device
     cfg = _config(tiny_dataset, global_batch)
     mesh = sharding.make_mesh(devices // fsdp, fsdp, devices=jax.devices()[:devices])
     batch = next(pipeline.train_iterator(factory.data_config(cfg), tokenizer))
-    batch = sharding.shard_batch({k: batch[k] for k in train.STEP_INPUTS}, mesh)
+    batch = sharding.shard_batch({k: batch[k] for k in pretrain.STEP_INPUTS}, mesh)
     key = jax.random.key(11)
     assert factory.model(cfg, tokenizer).text.cfg.uses_dropout
 
     results = {}
     for k in (1, K):
         cfg.train.micro_batches = k
-        run = train.Run.create(cfg, factory.model(cfg, tokenizer), mesh)
+        run = pretrain.Run.create(cfg, factory.model(cfg, tokenizer), mesh)
         total, parts, grads = run.loss_and_grads(batch, 0, key)
         out = run.step(batch, 0, key)
         results[k] = dict(total=float(total), step_total=float(out["total"]),

@@ -10,7 +10,7 @@ from data_prep import build, synthetic
 from configs import demo
 from configs import report as report_config
 from configs import zeroshot as zeroshot_config
-from mama_jax import metrics, train
+from mama_jax.train import metrics_log, pretrain
 from mama_jax.evaluate import during_training, report, zeroshot
 
 EVAL_STEPS = (2, 4, 6)
@@ -69,7 +69,7 @@ def _job_scores(pretrain_workdir: str, step: int, tasks: tuple, workdir: str) ->
 
 
 def test_logged_at_every_eval_step_and_equal_to_the_job(live_run, tmp_path):
-    rows = metrics.read_metrics(live_run)
+    rows = metrics_log.read_metrics(live_run)
     evaluated = sorted(s for s, row in rows.items() if "val_zs/density/bacc" in row)
     assert evaluated == list(EVAL_STEPS)
     assert sorted(rows) == [2, 4, 5, 6]  # log_every 5, plus a line at every evaluated step
@@ -84,7 +84,7 @@ def test_logged_at_every_eval_step_and_equal_to_the_job(live_run, tmp_path):
         assert set(live) == set(job)
         for key, value in job.items():
             assert live[key] == pytest.approx(value, abs=1e-6), (step, key)
-    assert train.per_step_losses(live_run).keys() == rows.keys()  # every line has the loss
+    assert pretrain.per_step_losses(live_run).keys() == rows.keys()  # every line has the loss
 
 
 def test_report_shows_the_validation_curves(live_run, tmp_path):

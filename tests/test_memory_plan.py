@@ -15,7 +15,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import memory_model as mp  # noqa: E402
 from configs import pretrain  # noqa: E402
-from mama_jax import optim, sharding  # noqa: E402
+from mama_jax.train import optim, sharding  # noqa: E402
 from mama_jax.models import mama  # noqa: E402
 
 # Tiny ViT; an LM 16 x 256 with BioMedLM's 28,896-row embedding, so that fsdp splits its

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mama_jax import checkpoint
+from mama_jax.train import checkpoint
 from mama_jax.evaluate import restore
 
 

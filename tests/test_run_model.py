@@ -14,7 +14,8 @@ from flax import nnx
 from configs import demo, extract as extract_config, finetune as finetune_config
 from configs import linear_probe as probe_config
 from configs import maps as maps_config, zeroshot as zeroshot_config
-from mama_jax import export, factory, run_model, train
+from mama_jax import export, factory, run_model
+from mama_jax.train import pretrain
 from mama_jax.evaluate import extract, finetune, linear_probe, maps, restore, zeroshot
 from mama_jax.models import convert
 
@@ -46,7 +47,7 @@ def run_with_weight_files(tiny_dataset, tmp_path_factory):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config_pretrain.json"), "w") as f:
         f.write(cfg.to_json_best_effort())
-    train.train(cfg, workdir)
+    pretrain.train(cfg, workdir)
     return workdir, source
 
 

@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import demo
-from mama_jax import factory, losses, losses_sigmoid, metrics, objective, optim, run_model, train
+from mama_jax import factory, losses, losses_sigmoid, objective, run_model
+from mama_jax.train import metrics_log, optim, pretrain
 from mama_jax.models import mama, text, vit
 from tests import tolerances
 from tests.loss_reference import assert_close, np_finite_diff
@@ -247,8 +248,8 @@ def test_a_few_sigmoid_pretraining_steps_train_and_record_the_bias(tiny_dataset,
     cfg.loss.clip_kind = "sigmoid"
     cfg.train.update(dict(steps=3, checkpoint_every=3))
     workdir = str(tmp_path / "run")
-    train.train(cfg, workdir)  # 8 forced devices: the ring has 7 hops
-    rows = metrics.read_metrics(workdir)
+    pretrain.train(cfg, workdir)  # 8 forced devices: the ring has 7 hops
+    rows = metrics_log.read_metrics(workdir)
     assert sorted(rows) == [1, 2, 3]
     for row in rows.values():
         assert all(math.isfinite(row[k]) for k in ("total", "vt_1", "vt_2", "logit_bias"))

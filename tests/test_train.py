@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from mama_jax import checkpoint, factory, loop, metrics, optim, sharding, train
+from mama_jax import factory
+from mama_jax.train import checkpoint, loop, metrics_log, optim, pretrain, sharding
 from mama_jax.input import pipeline
 from mama_jax.models import mama
 from tests import tolerances
@@ -34,7 +35,7 @@ def setup(tiny_dataset, tmp_path_factory):
     cfg = _config(tiny_dataset)
     tok = factory.tokenizer(cfg, str(tmp_path_factory.mktemp("work")))
     batch = next(pipeline.train_iterator(factory.data_config(cfg), tok))
-    return cfg, tok, {k: batch[k] for k in train.STEP_INPUTS}
+    return cfg, tok, {k: batch[k] for k in pretrain.STEP_INPUTS}
 
 
 def _flat(state):
@@ -42,7 +43,7 @@ def _flat(state):
 
 
 def _run_steps(cfg, tok, batch, mesh, n):
-    run = train.Run.create(cfg, factory.model(cfg, tok), mesh)
+    run = pretrain.Run.create(cfg, factory.model(cfg, tok), mesh)
     before = _flat(nnx.state(run.model()))
     outs = [run.step(sharding.shard_batch(batch, mesh), i, jax.random.key(i)) for i in range(n)]
     return [float(o["total"]) for o in outs], before, _flat(nnx.state(run.model()))
@@ -56,7 +57,7 @@ def test_sharded_step_equals_single_device(setup):
     results = {}
     for name, mesh in (("one", sharding.make_mesh(1, 1, devices=jax.devices()[:1])),
                        ("eight", sharding.make_mesh(4, 2))):  # batch over data x fsdp, params split
-        run = train.Run.create(cfg, factory.model(cfg, tok), mesh)
+        run = pretrain.Run.create(cfg, factory.model(cfg, tok), mesh)
         sharded = sharding.shard_batch(batch, mesh)
         _, _, grads = run.loss_and_grads(sharded, 0, key)
         out = run.step(sharded, 0, key)
@@ -129,20 +130,20 @@ def test_micro_batched_run_counts_updates_and_resumes_after_sigkill_and_sigterm(
     straight = tmp_path / "straight"
     subprocess.run(_main(straight, tiny_dataset, micro, f"--config.train.steps={STEPS}"),
                    check=True, cwd=ROOT, env=_env(), capture_output=True, timeout=600)
-    expected = train.per_step_losses(str(straight))
+    expected = pretrain.per_step_losses(str(straight))
     assert sorted(expected) == list(range(1, STEPS + 1))
     cfg = _config(tiny_dataset, steps=STEPS)
     cfg.train.micro_batches = MICRO
     lr = optim.schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.total_steps,
                         cfg.optim.init_lr, cfg.optim.end_lr)
-    for n, row in metrics.read_metrics(str(straight)).items():  # row n: update n, count n - 1
+    for n, row in metrics_log.read_metrics(str(straight)).items():  # row n: update n, count n - 1
         assert row["lr"] == pytest.approx(float(lr(n - 1)), rel=1e-6), n
         assert row["w"] == (1.0 if n - 1 >= cfg.loss.delta else 0.0), n
         on = row["local"] if n - 1 >= cfg.loss.delta else 0.0  # logged unweighted either way
         assert row["total"] == pytest.approx(row["vt_1"] + row["vv"] + row["vt_2"] + on, rel=1e-5)
     # The optimizer itself counted 12 updates.
     tok = factory.tokenizer(cfg, str(straight))
-    run = train.Run.create(cfg, factory.model(cfg, tok), sharding.make_mesh(1, 1, jax.devices()[:1]))
+    run = pretrain.Run.create(cfg, factory.model(cfg, tok), sharding.make_mesh(1, 1, jax.devices()[:1]))
     ckpt = checkpoint.Checkpointer(str(straight / "checkpoints"), async_save=False)
     run.restore(ckpt, STEPS)
     ckpt.close()
@@ -181,7 +182,7 @@ def test_micro_batched_run_counts_updates_and_resumes_after_sigkill_and_sigterm(
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-2000:]
-    logged = train.per_step_losses(str(resumed))
+    logged = pretrain.per_step_losses(str(resumed))
     for step in range(1, STEPS + 1):
         assert logged[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
     latest = checkpoint.Checkpointer(str(resumed / "checkpoints")).latest_step()
@@ -194,23 +195,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, 
                                                                   last_good):
     """Step 3 gives NaN. Every 4 steps: the loop reads step 3's loss after it has queued
     step 4, and must still stop before step 4's checkpoint."""
-    real_step = train.Run.step
+    real_step = pretrain.Run.step
 
     def poisoned(self, global_batch, opt_step, key):
         out = real_step(self, global_batch, opt_step, key)
         return dict(out, total=out["total"] * np.nan) if opt_step == 2 else out
 
-    monkeypatch.setattr(train.Run, "step", poisoned)
+    monkeypatch.setattr(pretrain.Run, "step", poisoned)
     cfg = _config(tiny_dataset, checkpoint_every=checkpoint_every, log_every=100)
     with pytest.raises(loop.NonFiniteLossError, match="step 3: loss is nan"):
-        train.train(cfg, str(tmp_path))
+        pretrain.train(cfg, str(tmp_path))
     assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == last_good
 
 
 def test_missing_dataset_dir_names_the_field(tmp_path):
     cfg = demo.get_config("test")
     with pytest.raises(factory.ConfigError, match="config.data.dataset_dir"):
-        train.train(cfg, str(tmp_path))
+        pretrain.train(cfg, str(tmp_path))
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
@@ -271,9 +272,9 @@ def test_late_groups_neither_move_nor_decay_before_their_start():
 
 def test_late_start_groups_follow_delta_and_the_official_aux_schedule():
     cfg = demo.get_config("test")
-    assert train.late_start_groups(cfg) == [(mama.LOCAL_GROUP, cfg.loss.delta)]
+    assert pretrain.late_start_groups(cfg) == [(mama.LOCAL_GROUP, cfg.loss.delta)]
     cfg.loss.aux_start_step = 8000  # D1: L_VV (the SimCLR head's only loss) from 8000 too
-    assert train.late_start_groups(cfg) == [(mama.LOCAL_GROUP, cfg.loss.delta),
+    assert pretrain.late_start_groups(cfg) == [(mama.LOCAL_GROUP, cfg.loss.delta),
                                             (mama.SIMCLR_GROUP, 8000)]
 
 

@@ -1,12 +1,12 @@
 """Zero-shot on the validation split while pretraining runs.
 
-`pretrain(cfg, workdir)` is the pretraining job (main's "pretrain" mode): train.train with
-a callback that, every `train.eval_every` optimizer steps, scores zero-shot density,
-BI-RADS and cancer (each where the split has its labels) with the live model on the run's
-mesh: no checkpoint is written or read. The keys it logs are "val_zs/<task>/bacc" and
-"val_zs/<task>/auc". It runs the zero-shot job's own code (zeroshot.evaluate_task) with
-that job's defaults, so a live figure equals what configs/zeroshot.py gives on the
-validation split for a checkpoint of the same step.
+`pretrain(cfg, workdir)` is the pretraining job (main's "pretrain" mode):
+mama_jax.train.pretrain.train with a callback that, every `train.eval_every` optimizer
+steps, scores zero-shot density, BI-RADS and cancer (each where the split has its labels)
+with the live model on the run's mesh: no checkpoint is written or read. The keys it logs
+are "val_zs/<task>/bacc" and "val_zs/<task>/auc". It runs the zero-shot job's own code
+(zeroshot.evaluate_task) with that job's defaults, so a live figure equals what
+configs/zeroshot.py gives on the validation split for a checkpoint of the same step.
 
 Every process runs the evaluation (the encoders are collectives on the mesh); each ends
 with the whole split's embeddings and the same scores, and only process 0 writes them.
@@ -19,9 +19,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mama_jax import factory, sharding, train
+from mama_jax import factory
 from mama_jax.input import captions, pipeline
 from mama_jax.evaluate import extract, zeroshot
+from mama_jax.train import pretrain as pretraining, sharding  # `pretrain` is the job below
 
 SPLIT = "validation"
 TASKS = ("density", "birads", "cancer")
@@ -34,7 +35,7 @@ JOB_SETTINGS = dict(prefix="official", aggregate="image", double_softmax=False, 
 def pretrain(cfg, workdir: str) -> dict:
     """Pretraining with validation zero-shot every train.eval_every steps (0 = never)."""
     live = ValidationZeroShot.open(cfg, workdir) if cfg.train.get("eval_every", 0) else None
-    return train.train(cfg, workdir, evaluate=live)
+    return pretraining.train(cfg, workdir, evaluate=live)
 
 
 def _say(message: str) -> None:

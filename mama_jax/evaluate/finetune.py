@@ -30,9 +30,10 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from mama_jax import checkpoint, factory, loop, metrics as run_metrics, sharding
+from mama_jax import factory
 from mama_jax.evaluate import extract, finetune_model, linear_probe, metrics, restore, zeroshot
 from mama_jax.input import balanced_sampler, captions, pipeline
+from mama_jax.train import checkpoint, loop, metrics_log, sharding
 
 CI_METRICS = ("balanced_accuracy", "auc")
 # Must match on a resume (same batches from the same start); run.json also records the rest.
@@ -147,7 +148,7 @@ def _inputs(cfg):
 def _train(cfg, state, ckpt, batches, mesh, folder: str, start: int, name: str) -> str | None:
     """Steps start .. cfg.steps-1 through the one loop; the signal's name if one stopped it."""
     lr_at = finetune_model.lr_schedule(cfg.optim, cfg.steps)
-    writer = run_metrics.MetricsWriter(folder)
+    writer = metrics_log.MetricsWriter(folder)
     job = loop.Job(
         name=name, next_batch=lambda: sharding.shard_batch(next(batches), mesh),
         step=lambda batch, step: state.step(batch["image"], batch["label"]),
@@ -174,7 +175,7 @@ def _latest_pretrain_step(pretrain_workdir: str) -> int:
 
 def _last_logged(folder: str, key: str):
     path = os.path.join(folder, "metrics.jsonl")
-    rows = run_metrics.read_metrics_file(path) if os.path.exists(path) else {}
+    rows = metrics_log.read_metrics_file(path) if os.path.exists(path) else {}
     return rows[max(rows)].get(key) if rows else None
 
 

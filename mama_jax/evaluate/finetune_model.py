@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mama_jax import factory, optim, sharding, train_state
+from mama_jax import factory
 from mama_jax.evaluate import restore
 from mama_jax.models import mama
 from mama_jax.models.vit import VisionTransformer
+from mama_jax.train import optim, sharding, state
 
 RUN_FILE = "run.json"  # in WORKDIR/finetune/<task>/: what the run was started from
 
@@ -94,7 +95,7 @@ def data_parallel_mesh(batch_size: int):
     return sharding.make_mesh(n, 1, devices=devices[:n])
 
 
-class State(train_state.ShardedState):
+class State(state.ShardedState):
     """The classifier's sharded parameters and optimiser state, and its jitted step."""
 
     def __init__(self, net: Classifier, tx: optax.GradientTransformation, mesh,

@@ -25,10 +25,10 @@ import os
 import numpy as np
 
 from mama_jax.input import captions
-from mama_jax import metrics as metrics_file
 from mama_jax.evaluate import report_tables as tables
 from mama_jax.evaluate.figures import (LOSS_TERMS, confusion_png, loss_png, roc_png,
                                        val_zeroshot_png, val_zeroshot_series)
+from mama_jax.train import metrics_log
 
 REPORT_MD = "report.md"
 FIG_DIR = "report"
@@ -78,7 +78,7 @@ def find_metrics_jsonl(workdir: str, pretrain_workdir: str = "") -> str | None:
     return None
 
 
-read_metrics_jsonl = metrics_file.read_metrics_file
+read_metrics_jsonl = metrics_log.read_metrics_file
 
 
 def _rel(path: str, workdir: str) -> str:

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mama_jax import checkpoint, factory, run_model, sharding
+from mama_jax import factory, run_model
 from mama_jax.models import mama, vit
+from mama_jax.train import checkpoint, sharding
 
 CONFIG_FILE = "config_pretrain.json"
 

@@ -152,7 +152,8 @@ class MaMA(nnx.Module):
 
         No op here mixes samples (the towers have no BatchNorm), so a micro-batch's
         features are the rows of the whole batch's: exact gradient accumulation
-        (train.GradCache) caches these and runs the heads once on the whole batch.
+        (GradCache, train/grad_cache.py) caches these and runs the heads once on the
+        whole batch.
         Keys: pooled_1 / pooled_2 g(x) of each view [B, Dv] fp32, patch_1 the anchor
         view's post-norm patch tokens [B, P, Dv], text_pooled [B, Dt], sent_in the
         text local head's input [B, S, Dt] and sent_mask [B, S] (valid sentences).

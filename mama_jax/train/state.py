@@ -3,7 +3,7 @@
 Trainable parameters, the rest of the model (frozen weights, BatchNorm statistics) and
 the optimiser state, each placed with sharding.state_shardings. A restore reads a
 checkpoint straight into this mesh's layout, whatever mesh wrote it. Used by
-pretraining (train.Run) and fine-tuning (evaluate/finetune_model.State).
+pretraining (pretrain.Run) and fine-tuning (evaluate/finetune_model.State).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from mama_jax import checkpoint, sharding
+from mama_jax.train import checkpoint, sharding
 
 
 class ShardedState:

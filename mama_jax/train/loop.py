@@ -26,7 +26,7 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mama_jax import sharding
+from mama_jax.train import sharding
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,7 +130,7 @@ class Job:
     step: Callable[[Any, int], dict]
     save: Callable[[int], None]
     latest_checkpoint: Callable[[], Any]  # for the non-finite message
-    writer: Any  # metrics.MetricsWriter
+    writer: Any  # metrics_log.MetricsWriter
     samples_per_step: int
     loss_key: str = "total"
     first_batch: Callable[[Any], None] | None = None  # e.g. compile, then meet the other hosts

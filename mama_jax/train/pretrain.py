@@ -5,7 +5,7 @@ weights, BatchNorm statistics), the optimiser state and a global batch; it
 returns them updated plus the loss terms. One step is one optimizer update on
 one global batch, whether it runs in one pass or in train.micro_batches
 (grad_cache: the same loss and gradients); every step count counts updates. train()
-feeds it from Grain through the one loop (mama_jax/loop.py: cadence, deferred reads,
+feeds it from Grain through the one loop (mama_jax/train/loop.py: cadence, deferred reads,
 the non-finite stop, signals) and resumes from the latest checkpoint.
 """
 
@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mama_jax import (checkpoint, factory, grad_cache, loop, metrics, objective, optim, run_model,
-                      sharding, train_state)
+from mama_jax import factory, objective, run_model
 from mama_jax.input import pipeline
 from mama_jax.models import mama
+from mama_jax.train import checkpoint, grad_cache, loop, metrics_log, optim, sharding, state
 
 STEP_INPUTS = ("view1", "view2", "input_ids", "attention_mask")
 
@@ -67,7 +67,7 @@ def train_step(graphdef, trainable, rest, opt_state, batch, step, dropout_key, *
     return trainable, rest, opt_state, out
 
 
-class Run(train_state.ShardedState):
+class Run(state.ShardedState):
     """The sharded training state (graphdef + three pytrees) and its jitted step."""
 
     @classmethod
@@ -145,7 +145,7 @@ def train(cfg, workdir: str, *, evaluate=None) -> dict:
         if proc == 0:
             print(f"pretrain: resumed from step {start} ({ckpt.directory})", flush=True)
     base_key = jax.random.key(cfg.seed + 1)
-    writer = metrics.MetricsWriter(workdir)
+    writer = metrics_log.MetricsWriter(workdir)
 
     def first_batch(global_batch):
         run.compile(global_batch)
@@ -178,6 +178,6 @@ def train(cfg, workdir: str, *, evaluate=None) -> dict:
 
 def per_step_losses(workdir: str) -> dict[int, float]:
     """The logged total loss per step (for tests and reports)."""
-    return {s: v["total"] for s, v in metrics.read_metrics(workdir).items()}
+    return {s: v["total"] for s, v in metrics_log.read_metrics(workdir).items()}
 
 

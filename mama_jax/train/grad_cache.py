@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mama_jax import sharding
+from mama_jax.train import sharding
 
 # loss_fn(model, embeddings) -> (total, parts): eq. 4 on the heads' embeddings.
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]

@@ -1,0 +1,1 @@
+"""The training side: the one loop, the pretraining step and job, train state, checkpoints, optimiser, sharding, training logs, exact micro-batching."""
