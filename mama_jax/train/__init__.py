@@ -1,1 +1,2 @@
-"""The training side: the one loop, the pretraining step and job, train state, checkpoints, optimiser, sharding, training logs, exact micro-batching."""
+"""The training side: the one loop, the pretraining step and job, train state, checkpoints,
+optimiser, sharding, training logs and exact micro-batching (GradCache)."""
