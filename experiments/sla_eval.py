@@ -72,12 +72,17 @@ def _grid_maps(patches, sent, valid, gh, gw):
     return out
 
 
-def localisation(model, tok, held: HeldOut, max_length: int, bn: str = "running") -> dict:
-    """Per sentence kind: n, mean lift, pointing hit rate and its chance (map_scores.summarise_scores),
-    over the images with lesion boxes."""
+def held_out_embeddings(model, tok, held: HeldOut, max_length: int, bn: str = "running"):
+    """_embed of every held-out image with its own caption."""
     enc = encode_captions(tok, held.captions, max_length)
-    patches, sent, valid = _embed(model, held.images, enc.input_ids, enc.attention_mask, bn)
-    gh, gw = maps.patch_grid(model, held.size)
+    return _embed(model, held.images, enc.input_ids, enc.attention_mask, bn)
+
+
+def localisation(embedded, held: HeldOut, grid: tuple[int, int]) -> dict:
+    """Per sentence kind: n, mean lift, pointing hit rate and its chance (map_scores.summarise_scores),
+    over the images with lesion boxes. embedded: held_out_embeddings; grid: the patch grid."""
+    patches, sent, valid = embedded
+    gh, gw = grid
     all_maps = _grid_maps(patches, sent, valid, gh, gw)
     scores = []
     for k in held.scored:
@@ -96,14 +101,14 @@ def _box_cells(boxes, breast, gh, gw):
     return (map_scores._cell_means(region & breast, gh, gw) > 0).reshape(-1)
 
 
-def identity(model, tok, held: HeldOut, max_length: int) -> dict:
+def identity(embedded, held: HeldOut, grid: tuple[int, int]) -> dict:
     """Where the local scores come from (see the module docstring). For each sentence kind
     that only lesion captions have ("The mass") or whose wording differs with the lesion
     ("Impressions"): the true image's rank among all held-out images when the max over
-    patches runs over every patch, over the lesion's only, or over the rest."""
-    enc = encode_captions(tok, held.captions, max_length)
-    patches, sent, valid = _embed(model, held.images, enc.input_ids, enc.attention_mask, "running")
-    gh, gw = maps.patch_grid(model, held.size)
+    patches runs over every patch, over the lesion's only, or over the rest. embedded: the
+    running-statistics held_out_embeddings."""
+    patches, sent, valid = embedded
+    gh, gw = grid
     in_box = np.stack([_box_cells(b, m, gh, gw) for b, m in zip(held.boxes, held.breasts)])
     out = {}
     for kind, slug in ((captions.MASS_SENTENCE, "mass"), ("Impressions", "impressions")):
@@ -175,12 +180,15 @@ def evaluate_run(pretrain_workdir: str, split: str, *, diagnostics: bool, with_g
     size = int(pcfg.data.image_size)
     held = HeldOut(pcfg.data.dataset_dir, split, size, pcfg.data.caption_style)
     max_length = int(model.cfg.text.n_positions)
+    grid = maps.patch_grid(model, size)
+    running = held_out_embeddings(model, tok, held, max_length)  # how maps.py draws
     result = {"step": int(step), "split": split, "n_images": len(held.scored),
               "n_images_all": len(held.records),
-              "maps": localisation(model, tok, held, max_length)}
+              "maps": localisation(running, held, grid)}
     if diagnostics:
-        result["maps_bn_batch"] = localisation(model, tok, held, max_length, bn="batch")
-        result["identity"] = identity(model, tok, held, max_length)
+        batch = held_out_embeddings(model, tok, held, max_length, bn="batch")
+        result["maps_bn_batch"] = localisation(batch, held, grid)
+        result["identity"] = identity(running, held, grid)
     if with_global:
         result["global"] = global_metrics(pretrain_workdir, split,
                                           os.path.join(pretrain_workdir, f"eval_{split}"))

@@ -35,6 +35,13 @@ def inflate(data: bytes, nbytes: int) -> bytes:
     return out
 
 
+def example_features(raw: bytes):
+    """A serialised tf.train.Example's feature map (name -> Feature), nothing decoded."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    return tf_example_pb2.Example.FromString(raw).features.feature
+
+
 def _field_plan(features) -> dict[str, tuple[str, Any]] | None:
     """name -> (kind, numpy dtype) for the features this reader decodes itself, or None
     when some feature is of a kind it does not know (the TFDS decode is used then)."""
@@ -74,10 +81,7 @@ class RecordSource(Sequence):
         return len(self.tfds_source)
 
     def _example(self, index: int):
-        from tensorflow_datasets.proto import tf_example_pb2
-
-        raw = self.data_source[index]
-        return tf_example_pb2.Example.FromString(raw).features.feature
+        return example_features(self.data_source[index])
 
     def _decode(self, feature, name: str, kind: str, dtype) -> Any:
         if kind == "text":

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from mama_jax.input import records
+
 SECOND_VIEWS = ("intra_study", "same_image", "intra_side", "intra_study_no_self")
 INDEX_FIELDS = ("study_id", "laterality")
 _INDEX_VERSION = "1"  # bump when the cached index format changes
@@ -54,14 +56,12 @@ def _read_fields_tfds(source) -> dict[str, np.ndarray]:
     the record bytes still dominates (~6 ms per 1036 px image here) and releases the
     GIL, so chunks are read on a thread pool.
     """
-    from tensorflow_datasets.proto import tf_example_pb2
-
     raw = source.data_source  # array_record source: index -> serialised bytes
 
     def read(lo: int, hi: int) -> list[tuple[str, ...]]:
         rows = []
         for i in range(lo, hi):
-            feature = tf_example_pb2.Example.FromString(raw[i]).features.feature
+            feature = records.example_features(raw[i])
             missing = [k for k in INDEX_FIELDS if k not in feature]
             if missing:
                 raise KeyError(f"record {i}: no field(s) {missing} (not a data_prep dataset?)")
